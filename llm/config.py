@@ -68,7 +68,7 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from and how they are split and sampled."""
 
-    source: str = "builtin:kjv"  # builtin:<name> | text:<glob> | tfds:<name>[/<config>] | synthetic:<name>
+    source: str = "builtin:english"  # builtin:kjv|gcide|english (KJV + GCIDE, 33 MB) | text:<glob> | tfds:<name>[/<config>] | synthetic:<name>
     tokenizer: str = "bytes"  # bytes | bpe (byte-level BPE trained locally, vocab = model.vocab_size)
     seed: int = 0  # batch i is a pure function of (seed, i)
     dataset_tokens: int | None = None  # cap the unique training pool (repeated-data runs)
