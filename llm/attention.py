@@ -1,0 +1,44 @@
+"""Causal multi-head attention with rotary positions and optional grouped-query heads.
+
+The kernel is ``jax.nn.dot_product_attention`` with ``implementation=None``: XLA on
+CPU/TPU, cuDNN flash attention on GPU when the inputs are bfloat16/float16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.config import ModelConfig
+from llm.layers import apply_rope, dtype_of, input_std, normal_param, output_std
+
+
+class Attention(nnx.Module):
+    """Pre-projected q/k/v, RoPE on q and k, causal softmax attention, output projection.
+
+    n_heads query heads share n_kv_heads key/value heads (GQA; n_kv_heads = n_heads is
+    plain multi-head attention). Head dim H = d_model / n_heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n = cfg.d_model, cfg.n_heads
+        k = cfg.n_kv_heads or n
+        h = d // n
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        std_in = input_std(cfg, d)
+        self.w_q_DNH = normal_param(rngs, (d, n, h), std_in, cfg.param_dtype)
+        self.w_k_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype)
+        self.w_v_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype)
+        self.w_o_NHD = normal_param(rngs, (n, h, d), output_std(cfg, n * h), cfg.param_dtype)
+
+    def __call__(self, x_BTD: jax.Array, sin_TH2: jax.Array, cos_TH2: jax.Array) -> jax.Array:
+        cdt = self.compute_dtype
+        x_BTD = x_BTD.astype(cdt)
+        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.w_q_DNH[...].astype(cdt))
+        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.w_k_DKH[...].astype(cdt))
+        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.w_v_DKH[...].astype(cdt))
+        q_BTNH = apply_rope(q_BTNH, sin_TH2, cos_TH2)
+        k_BTKH = apply_rope(k_BTKH, sin_TH2, cos_TH2)
+        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=None)
+        return jnp.einsum("btnh,nhd->btd", o_BTNH, self.w_o_NHD[...].astype(cdt))

@@ -1,0 +1,117 @@
+"""Decoder-only transformer in Flax NNX.
+
+Why NNX: it is the current Flax API (Linen is in maintenance), modules are plain Python
+objects whose parameters are explicit ``nnx.Param`` variables, and ``nnx.split`` /
+``nnx.merge`` turn the model into a (static graphdef, params pytree) pair. The
+training step is therefore a pure function of a params pytree, jit-compiled once,
+with no hidden RNG or mutable collections: this module holds nothing but
+``nnx.Param`` variables (no dropout, no RNG state, no caches).
+
+Architecture: token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x))]
+-> RMSNorm -> unembedding (tied to the embedding or separate). Rotary positions,
+grouped-query attention, SwiGLU or GELU MLP. When ``cfg.moe`` is set, blocks i with
+(i + 1) % moe.every == 0 use the routed MoE layer (llm.moe) in the MLP slot.
+
+Precision: parameters in ``param_dtype`` (float32); activations and matmuls in
+``compute_dtype`` (bfloat16 by default); RMSNorm, RoPE, router, logits and every loss
+term in float32. Initialisation is documented in llm.layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llm.attention import Attention
+from llm.config import ModelConfig
+from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
+from llm.moe import MoE
+
+
+def is_moe_block(cfg: ModelConfig, i: int) -> bool:
+    """Whether block i (0-based) carries the routed MoE layer in its MLP slot."""
+    return cfg.moe is not None and (i + 1) % cfg.moe.every == 0
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: attention, then the MLP slot (dense MLP or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, i: int, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.is_moe = is_moe_block(cfg, i)
+        self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs=rngs)
+
+    def __call__(self, x_BTD, sin_TH2, cos_TH2):
+        """Returns (x_BTD, stats): stats is the MoE layer's dict of float32 scalars or {}."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), sin_TH2, cos_TH2)
+        if self.is_moe:
+            h_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
+        else:
+            h_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), {}
+        return x_BTD + h_BTD, stats
+
+
+def _run_block(block: Block, x_BTD, sin_TH2, cos_TH2):
+    return block(x_BTD, sin_TH2, cos_TH2)
+
+
+# Rematerialised variant: activations inside a block are recomputed in the backward pass.
+_run_block_remat = nnx.remat(_run_block)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model; ``model(tokens_BT) -> (logits_BTV float32, aux)``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.compute_dtype = dtype_of(cfg.compute_dtype)
+        self.embed_VD = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg.param_dtype)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, tokens_BT: jax.Array):
+        """Next-token logits for every position.
+
+        Args:
+          tokens_BT: int32 token ids [batch, time]; time may be at most anything (RoPE
+            has no table limit) but the model was trained at cfg.seq_len.
+        Returns:
+          logits_BTV: float32 [batch, time, vocab_size].
+          aux: {"aux_loss": float32 scalar, already weighted by the MoE coefficients
+            (0.0 for a dense model), "metrics": {name: float32 scalar}}.
+        """
+        cfg, cdt = self.cfg, self.compute_dtype
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
+        sin_TH2, cos_TH2 = rope_tables(tokens_BT.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt)
+        run = _run_block_remat if cfg.remat else _run_block
+        layer_stats = {}
+        for i, block in enumerate(self.blocks):
+            x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2)
+            if stats:
+                layer_stats[i] = stats
+        x_BTD = self.final_norm(x_BTD)
+        w_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.unembed_DV[...]
+        # bf16 operands, float32 accumulation and output: logits and the loss stay float32.
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(cdt), preferred_element_type=jnp.float32)
+        return logits_BTV, _collect_aux(cfg, layer_stats)
+
+
+def _collect_aux(cfg: ModelConfig, layer_stats: dict) -> dict:
+    """Sum the MoE losses over layers, weight them, and flatten per-layer metrics."""
+    if not layer_stats:
+        return {"aux_loss": jnp.zeros((), jnp.float32), "metrics": {}}
+    lb = sum(s["load_balance_loss"] for s in layer_stats.values())
+    z = sum(s["router_z_loss"] for s in layer_stats.values())
+    metrics = {"moe/load_balance_loss": lb, "moe/router_z_loss": z}
+    for i, s in layer_stats.items():
+        for name in ("load_min", "load_max", "load_cv", "drop_fraction", "router_entropy"):
+            metrics[f"moe/layer{i}/{name}"] = s[name]
+    aux_loss = cfg.moe.load_balance_coef * lb + cfg.moe.router_z_coef * z
+    return {"aux_loss": jnp.asarray(aux_loss, jnp.float32), "metrics": metrics}
