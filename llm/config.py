@@ -78,6 +78,8 @@ class DataConfig:
     tfds_manual_dir: str | None = None
     tfds_split: str = "train"
     text_key: str = "text"  # feature holding the text in TFDS examples
+    markov_alpha: float = 0.3  # synthetic:markov: Dirichlet concentration of each row (small = low entropy)
+    markov_support: int = 16  # synthetic:markov: possible successors per token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,9 +335,10 @@ def validate(cfg: Config) -> Config:
         if e.every > m.n_layers:
             raise ConfigError(f"model.moe.every={e.every} exceeds model.n_layers={m.n_layers}: no block would be MoE")
     _one_of("data.tokenizer", d.tokenizer, _TOKENIZERS)
-    if d.tokenizer == "bytes" and m.vocab_size != 256:
+    synthetic = d.source.startswith("synthetic:")  # token ids come straight from the source
+    if d.tokenizer == "bytes" and m.vocab_size != 256 and not synthetic:
         raise ConfigError(f"data.tokenizer=bytes needs model.vocab_size=256, got {m.vocab_size}")
-    if d.tokenizer == "bpe" and m.vocab_size < 260:
+    if d.tokenizer == "bpe" and m.vocab_size < 260 and not synthetic:
         raise ConfigError(f"data.tokenizer=bpe needs model.vocab_size >= 260 (256 bytes + specials), got {m.vocab_size}")
     if ":" not in d.source:
         raise ConfigError(
@@ -344,6 +347,9 @@ def validate(cfg: Config) -> Config:
         )
     _one_of("data.source scheme", d.source.split(":", 1)[0], ("builtin", "text", "tfds", "synthetic"))
     _positive("data.dataset_tokens", d.dataset_tokens)
+    _positive("data.markov_alpha", d.markov_alpha)
+    if d.markov_support < 2:
+        raise ConfigError(f"data.markov_support must be >= 2, got {d.markov_support}")
     if not 0 < d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
     _positive("optim.lr", o.lr)

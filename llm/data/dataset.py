@@ -92,7 +92,7 @@ class TokenDataset:
         )
 
 
-def _text_source(data_cfg: DataConfig):
+def _text_source(data_cfg: DataConfig, cache_dir: Path, progress: bool):
     scheme, _, name = data_cfg.source.partition(":")
     if scheme == "builtin":
         from llm.data.builtin import builtin_corpus
@@ -106,7 +106,7 @@ def _text_source(data_cfg: DataConfig):
     if scheme == "tfds":
         from llm.data.tfds_source import tfds_corpus
 
-        return tfds_corpus(name, data_cfg)
+        return tfds_corpus(name, data_cfg, cache_dir=cache_dir, progress=progress)
     raise ConfigError(
         f"data.source={data_cfg.source!r}: unknown scheme {scheme!r}; "
         "choose builtin:<name>, text:<path or glob>, tfds:<name>[/<config>] or synthetic:<name>"
@@ -131,7 +131,7 @@ def load_dataset(
         return synthetic_dataset(
             data_cfg, vocab_size=vocab_size, seq_len=seq_len, eval_tokens=eval_tokens, cache_dir=cache_dir
         )
-    fingerprint, documents = _text_source(data_cfg)
+    fingerprint, documents = _text_source(data_cfg, cache_dir, progress)
     manifest, folder = prepare_text(
         source=data_cfg.source,
         fingerprint=fingerprint,
