@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as err:
         return _fail(str(err))
+    except Exception as err:
+        # Checkpoint and data problems are the user's to fix: one line, not a traceback.
+        if type(err).__name__ == "CheckpointError":
+            return _fail(str(err), 1)
+        raise
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

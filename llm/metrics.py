@@ -1,0 +1,132 @@
+"""What a run logs: the metrics.jsonl lines, TensorBoard events, eval steps and MFU.
+
+Evaluations are log-spaced early (steps 1, 2, 4, 8, ...) and regular later, because
+the analysis fits curves and the early part of a curve carries the most shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets, no sparsity).
+# Unknown devices get MFU = null: a made-up peak would be worse than none.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, or None when the kind is not in the table."""
+    for name, peak in PEAK_BF16_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def eval_steps(total_steps: int, eval_every: int) -> set[int]:
+    """Steps (1-based, after the update) at which the held-out loss is measured.
+
+    Powers of two up to ``eval_every``, every ``eval_every`` steps, and the last step.
+    """
+    steps = {total_steps}
+    power = 1
+    while power < min(eval_every, total_steps):
+        steps.add(power)
+        power *= 2
+    steps.update(range(eval_every, total_steps + 1, eval_every))
+    return steps
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # optional: metrics.jsonl is the contract
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_clean(record)) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in _flatten(record).items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (a run killed after its last checkpoint).
+
+    Rewritten through a temporary file and a rename, so a crash here loses nothing.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by the kill
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """JSON-serialise ``data`` to ``path`` atomically."""
+    write_atomic(path, json.dumps(_clean(data), indent=2) + "\n")

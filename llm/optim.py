@@ -1,0 +1,65 @@
+"""AdamW and learning-rate schedules over exactly the run's length.
+
+Chinchilla (Hoffmann et al. 2022) showed that a cosine schedule must end at the
+run's last step: a schedule set for a longer run under-trains every shorter
+checkpoint, which biases the fitted laws. So every schedule here is built from
+the run's own step count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm.config import OptimConfig
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate (per step) for a run of ``total_steps`` optimiser steps.
+
+    - ``cosine``: linear warmup to ``lr``, then cosine to ``min_lr_ratio * lr`` at the last step.
+    - ``wsd``: warmup, stable at ``lr``, then linear decay to ``min_lr_ratio * lr`` over the
+      last ``decay_fraction`` of steps (Hu et al. 2024, MiniCPM).
+    - ``constant``: warmup, then ``lr``.
+    """
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    floor = cfg.lr * cfg.min_lr_ratio
+    ramp = optax.linear_schedule(0.0 if warmup else cfg.lr, cfg.lr, max(warmup, 1))
+    rest = max(total_steps - warmup - 1, 1)  # the last update runs at the floor
+    if cfg.schedule == "cosine":
+        tail = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "wsd":
+        decay = max(int(round(cfg.decay_fraction * rest)), 1)
+        tail = optax.join_schedules(
+            [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, floor, decay)],
+            [rest - decay],
+        )
+    else:
+        tail = optax.constant_schedule(cfg.lr)
+    if not warmup:
+        return tail
+    return optax.join_schedules([ramp, tail], [warmup])
+
+
+def _decay_mask(params):
+    # Weight decay on matrices only: decaying norm gains and biases only hurts.
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Gradient clipping (global norm) then AdamW with the run's schedule."""
+    parts = []
+    if cfg.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(
+        optax.adamw(
+            learning_rate=learning_rate_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    )
+    return optax.chain(*parts)
