@@ -1,0 +1,232 @@
+"""Where sweep runs execute: local subprocesses (default) or Ray tasks (clusters).
+
+Both run the same command, ``python -m sweeps.worker ...``, so a run behaves the same
+everywhere: it takes its own lock, trains, and records its own failure. A backend only
+starts commands, reports exit codes, and stops commands on interrupt.
+
+Local: K processes at a time. With several GPUs each run gets its own
+``gpus_per_run`` devices through CUDA_VISIBLE_DEVICES and K = n_gpus / gpus_per_run.
+On CPU each run is pinned to its share of the cores (sched_setaffinity, which XLA's
+thread pool follows) and K defaults to one run per two cores. Children are in their
+own session and die with the sweep (PR_SET_PDEATHSIG on Linux), so a killed sweep
+leaves no orphan training.
+
+Ray: each run is a Ray task with its resource request (num_cpus, num_gpus); Ray sets
+CUDA_VISIBLE_DEVICES for the task. ``ray`` is an optional extra, imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from llm.config import ConfigError
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES, else ``nvidia-smi -L``; [] on CPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def usable_cores() -> list[int]:
+    """CPU cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def default_parallel(gpus_per_run: int = 1) -> int:
+    """Runs at a time that fit this machine: one per GPU group, else one per two CPU cores."""
+    gpus = visible_gpus()
+    if gpus:
+        return max(1, len(gpus) // gpus_per_run)
+    return max(1, len(usable_cores()) // 2)
+
+
+def _child_setup(cores: list[int] | None) -> None:
+    """Runs in the child before exec: pin to cores, die with the parent (Linux)."""
+    if cores:
+        try:
+            os.sched_setaffinity(0, cores)
+        except (AttributeError, OSError):
+            pass
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def thread_env(n_threads: int) -> dict[str, str]:
+    """Thread settings so K runs share the cores instead of oversubscribing them."""
+    env = {k: str(n_threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    if n_threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    return env
+
+
+class LocalBackend:
+    """K subprocesses at a time on this machine, each pinned to its own devices or cores."""
+
+    name = "local"
+
+    def __init__(self, parallel: int | None = None, gpus_per_run: int = 1):
+        if gpus_per_run < 1:
+            raise ConfigError(f"--gpus-per-run must be >= 1, got {gpus_per_run}")
+        gpus = visible_gpus()
+        self.parallel = parallel or default_parallel(gpus_per_run)
+        if self.parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {self.parallel}")
+        self.slots: list[dict[str, Any]] = []
+        if gpus:
+            groups = [gpus[i * gpus_per_run : (i + 1) * gpus_per_run] for i in range(len(gpus) // gpus_per_run)]
+            if not groups:
+                raise ConfigError(f"--gpus-per-run={gpus_per_run} but only {len(gpus)} GPU(s) are visible")
+            for i in range(self.parallel):
+                group = groups[i % len(groups)]
+                self.slots.append({"env": {"CUDA_VISIBLE_DEVICES": ",".join(group)}, "cores": None})
+        else:
+            cores = usable_cores()
+            per_run = max(1, len(cores) // self.parallel)
+            for i in range(self.parallel):
+                mine = [cores[(i * per_run + j) % len(cores)] for j in range(per_run)]
+                self.slots.append({"env": thread_env(per_run), "cores": mine})
+        self.busy: dict[int, subprocess.Popen] = {}
+
+    def free(self) -> int:
+        """How many more runs can start now."""
+        return self.parallel - len(self.busy)
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+        """Start ``cmd`` in a free slot; returns a handle for poll/stop."""
+        slot = next(i for i in range(self.parallel) if i not in self.busy)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                env={**os.environ, **env, **self.slots[slot]["env"]},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the sweep, which stops its runs cleanly
+                preexec_fn=lambda: _child_setup(self.slots[slot]["cores"]),
+            )
+        self.busy[slot] = proc
+        return slot
+
+    def poll(self, handle: int) -> int | None:
+        """Exit code of a finished run (negative: killed by that signal), or None while running."""
+        rc = self.busy[handle].poll()
+        if rc is not None:
+            del self.busy[handle]
+        return rc
+
+    def stop(self, handle: int, grace_s: float = 15.0) -> None:
+        """SIGTERM (the worker saves nothing half-done and frees its lock), then SIGKILL."""
+        proc = self.busy.pop(handle, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        for handle in list(self.busy):
+            self.stop(handle)
+
+
+def _ray_run_command(cmd: list[str], env: dict[str, str], log_path: str) -> int:
+    """Body of the Ray task: run the worker command on whichever node Ray chose."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.run(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+class RayBackend:
+    """Each run a Ray task with ``num_cpus``/``num_gpus``; Ray packs them onto the cluster."""
+
+    name = "ray"
+
+    def __init__(self, parallel: int | None = None, num_cpus: float = 1.0, gpus_per_run: int = 1, address: str | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--backend ray needs Ray: pip install 'chinchax[ray]' (or pip install ray)") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address:
+                kwargs["address"] = address
+            ray.init(**kwargs)
+        num_gpus = float(gpus_per_run) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        self.parallel = parallel or 1_000_000  # Ray queues tasks by their resource request
+        self.task = ray.remote(_ray_run_command).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self.busy: dict[int, Any] = {}
+        self._next = 0
+
+    def free(self) -> int:
+        return self.parallel - len(self.busy)
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+        self._next += 1
+        self.busy[self._next] = self.task.remote(cmd, env, str(log_path))
+        return self._next
+
+    def poll(self, handle: int) -> int | None:
+        ref = self.busy[handle]
+        ready, _ = self.ray.wait([ref], timeout=0)
+        if not ready:
+            return None
+        del self.busy[handle]
+        try:
+            return int(self.ray.get(ref))
+        except Exception:  # the task itself died (node lost, worker crashed)
+            return -int(signal.SIGKILL)
+
+    def stop(self, handle: int, grace_s: float = 15.0) -> None:
+        ref = self.busy.pop(handle, None)
+        if ref is not None:
+            self.ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        for handle in list(self.busy):
+            self.stop(handle)
+
+
+def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1) -> LocalBackend | RayBackend:
+    """Backend by name: 'local' or 'ray'."""
+    if name == "local":
+        return LocalBackend(parallel, gpus_per_run)
+    if name == "ray":
+        return RayBackend(parallel, gpus_per_run=gpus_per_run)
+    raise ConfigError(f"--backend {name!r} is not known; choose local or ray")
+
+
+def worker_command(config: Path, run_dir: Path, run_name: str, lock: Path, train_fn: str) -> list[str]:
+    """The command that trains one run (``python -m sweeps.worker ...``)."""
+    return [
+        sys.executable, "-m", "sweeps.worker", "--config", str(config), "--run-dir", str(run_dir),
+        "--run-name", run_name, "--lock", str(lock), "--train-fn", train_fn,
+    ]

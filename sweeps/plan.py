@@ -1,0 +1,282 @@
+"""Expand a sweep spec into fully resolved runs, with deterministic names and the plan table.
+
+Each run's config is built in this order, later steps winning:
+base -> recipe (shape from the target N, then learning rate, batch size and warmup, each
+only where neither base nor the run's axes set that key) -> the run's axis values ->
+isoflop step count. Sweeps always switch the per-run progress bar off (the sweep
+draws its own), which does not change the run's identity.
+
+A run's name is a readable prefix of what varies (budget, N, D, other axes) and a
+short hash of its resolved config, so the same spec always maps to the same run
+directories and a changed config never reuses an old run's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from typing import Any, Mapping
+
+from llm.config import Config, ConfigError, ModelConfig, config_from_dict, from_dict, to_dict, total_steps, tokens_per_step
+from sweeps.recipe import batch_size_for_params, count_params, lr_for_params, model_for_params
+from sweeps.spec import SIZE_KEY, SweepSpec, grid_axes, isoflop_sizes
+
+_MODEL_SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.d_ff")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: its name, resolved config and the numbers of the plan table."""
+
+    name: str
+    config: Config
+    axes: dict[str, Any]  # the axis values that made this run (dotted keys, n_params, budget)
+    n_params: int  # N as the recipe counts it (recipe.count)
+    tokens: int  # D: training tokens
+    flops: float  # C under the spec's convention
+    steps: int
+    budget: float | None  # isoflop C target, if any
+    est_time_s: float
+
+
+def _short(x: float) -> str:
+    """Compact number for names: 24576 -> '2.5e4', 0.003 -> '3e-3', 64 -> '64'."""
+    if isinstance(x, int) and abs(x) < 10000:
+        return str(x)
+    if isinstance(x, float) and x.is_integer() and abs(x) < 10000:
+        return str(int(x))
+    mant, exp = f"{x:.2g}".split("e") if "e" in f"{x:.2g}" else (f"{x:.2g}", "0")
+    exp_i = int(exp)
+    return mant if exp_i == 0 else f"{mant}e{exp_i}"
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return _short(value)
+    if isinstance(value, Mapping):
+        return "-".join(f"{k}{_slug(v)}" for k, v in value.items())
+    return re.sub(r"[^A-Za-z0-9.]+", "_", str(value)).strip("_")
+
+
+def config_hash(cfg: Config) -> str:
+    """Short hash of a resolved config; cosmetic keys (progress bar) do not count."""
+    data = to_dict(cfg)
+    data["train"].pop("progress", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_name(cfg: Config, axes: Mapping[str, Any], n: int, tokens: int) -> str:
+    """Readable, deterministic run name: varying axes, N and D, then the config hash."""
+    parts = []
+    if "budget" in axes:
+        parts.append(f"C{_short(float(axes['budget']))}")
+    parts += [f"N{_short(n)}", f"D{_short(tokens)}"]
+    for key, value in axes.items():
+        if key in ("budget", SIZE_KEY, "train.tokens", "train.steps"):
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        parts.append(f"{leaf}{_slug(value)}")
+    prefix = "-".join(parts)[:80]
+    return f"{prefix}-{config_hash(cfg)}"
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *path, leaf = dotted.split(".")
+    node = data
+    for part in path:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"'{dotted}': '{part}' is a value, not a section")
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _has(data: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Cartesian product of the spec's axes, each point a dict of axis values."""
+    grid = grid_axes(spec)
+    axes: list[list[dict[str, Any]]] = []
+    if spec.isoflop is not None:
+        axes.append(
+            [{"budget": c, SIZE_KEY: n} for c in spec.isoflop.budgets for n in isoflop_sizes(spec.isoflop, c)]
+        )
+    for key, values in grid.items():
+        axes.append([{key: v} for v in values])
+    if spec.dataset_tokens is not None:
+        axes.append([{"data.dataset_tokens": d} for d in spec.dataset_tokens])
+    points = []
+    for combo in itertools.product(*axes):
+        point: dict[str, Any] = {}
+        for part in combo:
+            point.update(part)
+        points.append(point)
+    return points
+
+
+def _describe(point: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "base"
+
+
+def resolve(spec: SweepSpec, point: Mapping[str, Any]) -> tuple[Config, int | None]:
+    """The resolved config of one point (and, for isoflop points, the run's step count)."""
+    base = _deep_copy(spec.base or {})
+    data = _deep_copy(base)
+    recipe = spec.recipe
+    explicit = {k: v for k, v in point.items() if k not in ("budget", SIZE_KEY)}
+    for key, value in explicit.items():
+        _set(data, key, _deep_copy(value))
+    # train.tokens from an axis switches train.steps off, and vice versa.
+    if "train.tokens" in explicit and "train.steps" not in explicit:
+        _set(data, "train.steps", None)
+    if "train.steps" in explicit and "train.tokens" not in explicit:
+        _set(data, "train.tokens", None)
+
+    def is_set(key: str) -> bool:
+        return key in explicit or _has(base, key)
+
+    sized = SIZE_KEY in point
+    if sized:
+        clash = [k for k in _MODEL_SHAPE_KEYS if k in explicit]
+        if clash:
+            raise ConfigError(f"grid sets both {SIZE_KEY} and {', '.join(clash)}; the recipe chooses the shape")
+        model = from_dict(ModelConfig, data.get("model") or {}, "model")
+        model = model_for_params(float(point[SIZE_KEY]), model, recipe)
+        for key in ("d_model", "n_layers", "n_heads", "d_ff", "n_kv_heads"):
+            _set(data, f"model.{key}", getattr(model, key))
+        n = count_params(model, recipe)
+        if not is_set("optim.lr"):
+            _set(data, "optim.lr", lr_for_params(n, recipe))
+        if not is_set("train.batch_size"):
+            batch = batch_size_for_params(n, model.seq_len, recipe)
+            if batch is not None:
+                _set(data, "train.batch_size", batch)
+    _set(data, "train.progress", False)
+
+    steps = None
+    if "budget" in point:
+        from llm.counting import flops_per_token
+
+        cfg = config_from_dict({**data, "train": {**data.get("train", {}), "steps": 1, "tokens": None}})
+        per_token = flops_per_token(cfg.model, spec.convention)
+        budget = float(point["budget"])
+        steps = int(round(budget / (per_token * tokens_per_step(cfg))))
+        if steps < 1:
+            raise ConfigError(
+                f"isoflop budget {budget:.3g} is too small for N={point[SIZE_KEY]:.3g}: one step of "
+                f"{tokens_per_step(cfg)} tokens already costs {per_token * tokens_per_step(cfg):.3g} FLOPs"
+            )
+        _set(data, "train.steps", steps)
+        _set(data, "train.tokens", None)
+    if sized and recipe.warmup_fraction is not None and not is_set("optim.warmup_steps"):
+        probe = config_from_dict(data)
+        _set(data, "optim.warmup_steps", int(round(recipe.warmup_fraction * total_steps(probe))))
+    return config_from_dict(data), steps
+
+
+def expand(spec: SweepSpec) -> list[PlannedRun]:
+    """Every run of the spec, in axis order; ConfigError on any invalid or duplicate run."""
+    from llm.counting import flops_per_token
+
+    runs: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    for point in _points(spec):
+        try:
+            cfg, _ = resolve(spec, point)
+        except ConfigError as err:
+            raise ConfigError(f"run {_describe(point)}: {err}") from None
+        steps = total_steps(cfg)
+        tokens = steps * tokens_per_step(cfg)
+        per_token = flops_per_token(cfg.model, spec.convention)
+        flops = per_token * tokens
+        budget = float(point["budget"]) if "budget" in point else None
+        if budget is not None and abs(flops / budget - 1) > spec.isoflop.tolerance:
+            raise ConfigError(
+                f"run {_describe(point)}: budget {budget:.3g} is too small for this model: {steps} step(s) "
+                f"give C={flops:.3g}, off by {100 * abs(flops / budget - 1):.1f}% (tolerance "
+                f"{100 * spec.isoflop.tolerance:g}%); raise the budget or use smaller sizes"
+            )
+        n = count_params(cfg.model, spec.recipe)
+        name = run_name(cfg, point, n, tokens)
+        digest = config_hash(cfg)
+        if digest in seen:
+            raise ConfigError(
+                f"duplicate runs: {_describe(point)} resolves to the same config as {seen[digest]} "
+                "(e.g. two target sizes rounding to one shape); remove one"
+            )
+        seen[digest] = _describe(point)
+        est = flops_per_token(cfg.model, "6N+attention") * tokens / spec.estimate.flops_per_s + spec.estimate.overhead_s
+        runs.append(PlannedRun(name, cfg, dict(point), n, tokens, flops, steps, budget, est))
+    if not runs:
+        raise ConfigError("the spec expands to no runs")
+    return runs
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
+    """The plan table: one row per run (name, shape, N, D, C, steps, lr, batch, estimated time)."""
+    header = ["name", "d_model", "n_layers", "n_heads", "d_ff", "N", "D", f"C[{spec.convention}]", "steps", "lr", "batch", "est"]
+    rows = [
+        [
+            r.name,
+            str(r.config.model.d_model),
+            str(r.config.model.n_layers),
+            str(r.config.model.n_heads),
+            str(r.config.model.d_ff),
+            f"{r.n_params:.3g}",
+            f"{r.tokens:.3g}",
+            f"{r.flops:.3g}",
+            str(r.steps),
+            f"{r.config.optim.lr:.3g}",
+            str(r.config.train.batch_size),
+            _duration(r.est_time_s),
+        ]
+        for r in runs
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header] + rows]
+    total = sum(r.est_time_s for r in runs)
+    lines.append(
+        f"{len(runs)} runs, N = {spec.recipe.count}, total C = {sum(r.flops for r in runs):.3g} FLOPs, "
+        f"estimated {_duration(total)} one run at a time at {spec.estimate.flops_per_s:.3g} FLOP/s "
+        f"+ {spec.estimate.overhead_s:g}s per run"
+    )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def isoflop_error(run: PlannedRun) -> float:
+    """Relative gap between a run's C and its isoflop budget (0 for non-isoflop runs)."""
+    return 0.0 if run.budget is None else abs(run.flops / run.budget - 1)
+

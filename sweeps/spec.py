@@ -1,0 +1,239 @@
+"""Sweep specs: the YAML that says which runs to make, parsed strictly.
+
+A spec has a ``base`` train config (any key of ``chinchax train``, as a nested
+mapping) and axes whose cartesian product gives the runs:
+
+* ``grid``: ``{dotted.config.key: [values]}``; the special key ``n_params`` sizes the
+  model by the recipe's shape rule (``sweeps.recipe``).
+* ``isoflop``: budgets C and model sizes per budget; each run's step count is solved
+  so that its training FLOPs land within ``tolerance`` (1%) of C under ``convention``.
+* ``dataset_tokens``: sizes of the unique training pool, for repeated-data runs.
+
+``fit`` asks for ``chinchax fit`` on the sweep directory once the runs are done.
+Unknown keys anywhere are errors with a did-you-mean (``llm.config.from_dict``).
+Expansion into runs lives in ``sweeps.plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from llm.config import Config, ConfigError, apply_overrides, config_from_dict, from_dict, read_yaml
+from sweeps.recipe import Recipe
+
+FLOP_CONVENTIONS = ("6N", "6N+attention")  # same names as llm.counting.FLOP_CONVENTIONS
+SIZE_KEY = "n_params"
+
+
+@dataclasses.dataclass(frozen=True)
+class IsoFlopSpec:
+    """IsoFLOP profiles (Chinchilla Approach 2): several model sizes at each budget C."""
+
+    budgets: tuple[float, ...] = ()  # C in FLOPs under the spec's convention
+    n_params: Any = None  # [N, ...] for every budget, or {C: [N, ...]} per budget
+    n_sizes: int | None = None  # instead of n_params: this many sizes around N_opt(C)
+    spread: float = 4.0  # auto sizes run log-evenly from N_opt/spread to N_opt*spread
+    tokens_per_param: float = 20.0  # auto sizes: N_opt = sqrt(C / (6 * tokens_per_param))
+    tolerance: float = 0.01  # each run's C within this fraction of its budget
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSpec:
+    """Run ``analysis.fit_path`` on the sweep directory when the runs are done."""
+
+    enabled: bool = True
+    options: Any = None  # extra keyword arguments for analysis.fit_path
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateSpec:
+    """Throughput assumed by ``sweep plan`` for its time column."""
+
+    flops_per_s: float = 0.4 * 989e12  # sustained training FLOP/s (40% MFU of an H100 in bf16)
+    overhead_s: float = 30.0  # per run: start-up, compilation, data, evaluations, checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep spec; see the module docstring."""
+
+    name: str | None = None  # default: the spec file's stem
+    description: str | None = None
+    convention: str = "6N+attention"  # FLOP convention of budgets and of the plan's C column
+    base: Any = None  # nested train-config mapping
+    recipe: Recipe = Recipe()
+    grid: Any = None  # {dotted key: [values]}
+    isoflop: IsoFlopSpec | None = None
+    dataset_tokens: tuple[int, ...] | None = None
+    fit: FitSpec | None = None
+    estimate: EstimateSpec = EstimateSpec()
+
+
+def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the run config (``model.d_model``, ``model.moe.top_k``, ...)."""
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        inner = [t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)]
+        tp = inner[0] if inner else hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.append(name)  # a whole section (e.g. model.moe: null) is a value too
+            keys.extend(config_keys(tp, f"{name}."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _flatten(grid: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": [..]}}`` and ``{"optim.lr": [..]}`` both mean the key optim.lr."""
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_grid(grid: Any) -> dict[str, tuple[Any, ...]]:
+    if grid is None:
+        return {}
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"grid: expected a mapping of config keys to lists of values, got {grid!r}")
+    allowed = config_keys() + [SIZE_KEY]
+    out = {}
+    for key, values in _flatten(grid).items():
+        if key not in allowed:
+            raise ConfigError(
+                f"grid: unknown config key '{key}'{_did_you_mean(key, allowed)}; grid keys are dotted "
+                f"config keys such as model.d_model or optim.lr, or '{SIZE_KEY}' (model size by the recipe)"
+            )
+        if not isinstance(values, (list, tuple)):
+            raise ConfigError(f"grid.{key}: expected a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"grid.{key} is empty: a grid axis needs at least one value")
+        out[key] = tuple(values)
+    return out
+
+
+def _check_isoflop(iso: IsoFlopSpec, grid: Mapping[str, Any]) -> None:
+    if not iso.budgets:
+        raise ConfigError("isoflop.budgets is empty: give at least one compute budget C in FLOPs")
+    if any(not c > 0 for c in iso.budgets):
+        raise ConfigError(f"isoflop.budgets must be > 0, got {list(iso.budgets)}")
+    if (iso.n_params is None) == (iso.n_sizes is None):
+        raise ConfigError("isoflop: set exactly one of n_params (explicit sizes) and n_sizes (sizes around N_opt)")
+    if iso.n_sizes is not None and iso.n_sizes < 1:
+        raise ConfigError(f"isoflop.n_sizes must be >= 1, got {iso.n_sizes}")
+    if iso.spread < 1 or iso.tokens_per_param <= 0 or not 0 < iso.tolerance < 1:
+        raise ConfigError("isoflop: need spread >= 1, tokens_per_param > 0 and 0 < tolerance < 1")
+    clash = [k for k in (SIZE_KEY, "train.steps", "train.tokens") if k in grid]
+    if clash:
+        raise ConfigError(f"grid sets {', '.join(clash)}, which isoflop solves for; drop them from the grid")
+
+
+def isoflop_sizes(iso: IsoFlopSpec, budget: float) -> tuple[float, ...]:
+    """Target model sizes N for one budget C (explicit, or log-spaced around N_opt(C))."""
+    if iso.n_sizes is not None:
+        n_opt = (budget / (6.0 * iso.tokens_per_param)) ** 0.5
+        if iso.n_sizes == 1:
+            return (n_opt,)
+        lo, hi = n_opt / iso.spread, n_opt * iso.spread
+        return tuple(lo * (hi / lo) ** (i / (iso.n_sizes - 1)) for i in range(iso.n_sizes))
+    sizes = iso.n_params
+    if isinstance(sizes, Mapping):
+        by_budget = {float(c): v for c, v in sizes.items()}
+        if float(budget) not in by_budget:
+            raise ConfigError(f"isoflop.n_params has no sizes for budget {budget:g}")
+        sizes = by_budget[float(budget)]
+    if not isinstance(sizes, (list, tuple)) or not sizes:
+        raise ConfigError(f"isoflop.n_params for budget {budget:g}: expected a non-empty list, got {sizes!r}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 for n in sizes):
+        raise ConfigError(f"isoflop.n_params for budget {budget:g}: sizes must be positive numbers, got {sizes!r}")
+    return tuple(float(n) for n in sizes)
+
+
+def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> SweepSpec:
+    """Parse and check a spec mapping; raises ConfigError before anything is launched."""
+    data = dict(data or {})
+    if isinstance(data.get("fit"), bool):  # `fit: true` is the short form
+        data["fit"] = {} if data["fit"] else None
+    if isinstance(data.get("dataset_tokens"), (int, float)) and not isinstance(data.get("dataset_tokens"), bool):
+        data["dataset_tokens"] = [data["dataset_tokens"]]
+    spec = from_dict(SweepSpec, data)
+    if spec.name is None and name is not None:
+        spec = dataclasses.replace(spec, name=name)
+    if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
+        raise ConfigError(f"name: a sweep needs a plain folder name, got {spec.name!r}")
+    if spec.convention not in FLOP_CONVENTIONS:
+        raise ConfigError(
+            f"convention={spec.convention!r} is not allowed{_did_you_mean(spec.convention, FLOP_CONVENTIONS)}; "
+            f"choose one of {', '.join(FLOP_CONVENTIONS)}"
+        )
+    if spec.base is not None and not isinstance(spec.base, Mapping):
+        raise ConfigError("base: expected a mapping of train config sections (model, data, optim, train)")
+    try:
+        config_from_dict(spec.base or {})
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
+    grid = _check_grid(spec.grid)
+    if spec.isoflop is not None:
+        _check_isoflop(spec.isoflop, grid)
+        for budget in spec.isoflop.budgets:
+            isoflop_sizes(spec.isoflop, budget)
+    if spec.dataset_tokens is not None:
+        if not spec.dataset_tokens:
+            raise ConfigError("dataset_tokens is empty: give at least one pool size in tokens")
+        if any(d <= 0 for d in spec.dataset_tokens):
+            raise ConfigError(f"dataset_tokens must be > 0, got {list(spec.dataset_tokens)}")
+        if "data.dataset_tokens" in grid:
+            raise ConfigError("set dataset sizes either in dataset_tokens or in grid.data.dataset_tokens, not both")
+    if spec.fit is not None and spec.fit.options is not None and not isinstance(spec.fit.options, Mapping):
+        raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
+    if spec.estimate.flops_per_s <= 0 or spec.estimate.overhead_s < 0:
+        raise ConfigError("estimate: need flops_per_s > 0 and overhead_s >= 0")
+    return spec
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(data: Any) -> Any:
+    """YAML 1.1 reads ``1e12`` (no dot) as a string; in a spec it always means a number."""
+    if isinstance(data, Mapping):
+        return {k: _numbers(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_numbers(v) for v in data]
+    if isinstance(data, str) and _FLOAT_RE.match(data.strip()):
+        return float(data)
+    return data
+
+
+def read_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepSpec, dict[str, Any]]:
+    """Parsed spec and the raw mapping it came from (file, then ``key=value`` overrides)."""
+    path = Path(path)
+    data = _numbers(apply_overrides(read_yaml(path), overrides))
+    return spec_from_dict(data, name=path.stem), data
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read a spec file, apply ``key=value`` overrides (e.g. ``isoflop.budgets=[1e12]``), parse it."""
+    return read_spec(path, overrides)[0]
+
+
+def grid_axes(spec: SweepSpec) -> dict[str, tuple[Any, ...]]:
+    """The checked, flattened grid of a parsed spec."""
+    return _check_grid(spec.grid)

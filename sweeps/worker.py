@@ -1,0 +1,114 @@
+"""Run one sweep run in its own process: take the run's lock, train, record failures.
+
+``python -m sweeps.worker --config C.yaml --run-dir DIR --lock L [--train-fn M:F]``
+
+Exit codes: 0 the run is done, 1 it failed (result.json says why), 75 another
+process holds the run's lock (nothing was touched). The train function defaults to
+``llm.training:train``; ``--train-fn`` takes ``module:function`` or
+``path/to/file.py:function`` with the same signature (the tests use a fake one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from sweeps.lock import LockHeld, RunLock
+
+EXIT_LOCKED = 75
+
+
+def load_train_fn(target: str) -> Callable[..., Any]:
+    """Resolve ``module:function`` or ``file.py:function`` to the callable."""
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"train function {target!r} is not of the form module:function")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot import {module_name}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, attr)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """result.json of a run, or None if absent or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads((Path(run_dir) / "result.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_failure(run_dir: Path, run_name: str, error: str) -> None:
+    """Record a failure that happened outside train's own bookkeeping (exception, crash)."""
+    from llm.metrics import write_json_atomic
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / "result.json",
+        {"status": "failed", "error": error, "run_name": run_name, "failed_at": time.time()},
+    )
+
+
+def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, train_target: str) -> int:
+    """Train one run under its lock; returns the process exit code."""
+    from llm.config import load_config
+
+    try:
+        lock = RunLock(lock_path).acquire()
+    except LockHeld as held:
+        print(f"sweeps.worker: {held}; not starting {run_name}", file=sys.stderr)
+        return EXIT_LOCKED
+    try:
+        previous = read_result(run_dir)
+        if previous is not None and previous.get("status") == "done":
+            return 0  # finished by another launch between our check and our lock
+        try:
+            cfg = load_config(config_path)
+            result = load_train_fn(train_target)(cfg, run_dir, run_name=run_name)
+        except Exception as err:  # one run's failure must not take down the sweep
+            traceback.print_exc()
+            message = f"{type(err).__name__}: {err}".strip()
+            if "RESOURCE_EXHAUSTED" in message or isinstance(err, MemoryError):
+                message = "out of memory: " + message
+            write_failure(run_dir, run_name, message[:2000])
+            return 1
+        status = getattr(result, "status", None)
+        if status != "done" and (read_result(run_dir) or {}).get("status") != "failed":
+            write_failure(run_dir, run_name, getattr(result, "error", None) or f"train returned status {status!r}")
+        return 0 if status == "done" else 1
+    finally:
+        lock.release()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sweeps.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--lock", type=Path, required=True)
+    p.add_argument("--train-fn", default="llm.training:train")
+    args = p.parse_args(argv)
+    # The sweep stops runs with SIGTERM: unwind like Ctrl-C so the lock and checkpoints close cleanly.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

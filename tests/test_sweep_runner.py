@@ -1,0 +1,217 @@
+"""Runner semantics with a fake train function: skip, resume, retry, failures, locks, index.
+
+The fake ``fake_train`` (this file, loaded by path in each worker process) writes a run
+directory per the contract without JAX, so these tests take seconds. Its behaviour is
+steered by the run's ``train.seed``: 13 raises, 14 crashes the process (SIGKILL),
+15 sleeps until killed; every call appends a line to ``calls.txt`` in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.config import ConfigError, dump_config, total_steps
+from sweeps.index import lock_path
+from sweeps.lock import LockHeld, RunLock
+from sweeps.plan import expand
+from sweeps.runner import run_sweep, sweep_status
+from sweeps.spec import spec_from_dict
+
+FAKE = f"{Path(__file__).resolve()}:fake_train"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Result:
+    def __init__(self, status, error, result):
+        self.status, self.error, self.result = status, error, result
+
+
+def fake_train(cfg, run_dir, *, run_name=None):
+    """Stand-in for llm.training.train: writes config.yaml, metrics.jsonl, checkpoints/, result.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resumed_from = (run_dir / "checkpoints" / "step").read_text() if (run_dir / "checkpoints" / "step").exists() else "0"
+    with open(run_dir / "calls.txt", "a") as f:
+        f.write(f"pid={os.getpid()} resumed_from={resumed_from}\n")
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    seed = cfg.train.seed
+    if seed == 13:
+        raise RuntimeError("fake failure for seed 13")
+    if seed == 14:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if seed == 15 and not os.environ.get("FAKE_NO_SLEEP"):
+        (run_dir / "checkpoints" / "step").write_text("5")
+        time.sleep(600)
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    steps = total_steps(cfg)
+    tokens = steps * cfg.train.batch_size * cfg.model.seq_len
+    loss = 2.0 + 1000.0 / (cfg.model.d_model * steps)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": steps, "tokens": tokens, "train_loss": loss}) + "\n")
+    result = {
+        "status": "done", "error": None, "run_name": run_name, "step": steps, "steps": steps, "tokens": tokens,
+        "dataset_tokens": None, "n_params_total": 1, "n_params_nonembed": 1, "n_params_active": 1,
+        "n_params_active_nonembed": 1, "flops": {"6N": 6.0 * tokens, "6N+attention": 7.0 * tokens},
+        "final_train_loss": loss, "final_eval_loss": loss, "best_eval_loss": loss, "wall_time_s": 0.0,
+    }
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, run_dir / "result.json")
+    return _Result("done", None, result)
+
+
+def _spec(seeds, name="fake", **extra):
+    data = {
+        "name": name,
+        "base": {
+            "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
+            "train": {"batch_size": 2, "steps": 3},
+        },
+        "grid": {"train.seed": list(seeds)},
+        **extra,
+    }
+    return spec_from_dict(data)
+
+
+def _run(spec, out, **kw):
+    kw.setdefault("parallel", 2)
+    return run_sweep(spec, out, train_fn=FAKE, progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None, **kw)
+
+
+def _calls(out, name):
+    path = Path(out) / name / "calls.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_skip_done_and_failure_isolation_and_retry(tmp_path):
+    spec = _spec([1, 13, 2, 14])
+    names = [r.name for r in expand(spec)]
+    report = _run(spec, tmp_path)
+    status = {r["name"]: r["status"] for r in report.rows}
+    assert [status[n] for n in names] == ["done", "failed", "done", "failed"]
+    errors = dict(report.failed)
+    assert "fake failure for seed 13" in errors[names[1]]
+    assert "SIGKILL" in errors[names[3]]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["counts"]["done"] == 2 and index["counts"]["failed"] == 2
+    assert (tmp_path / "index.csv").read_text().count("\n") == 5
+    assert (tmp_path / "sweep.yaml").exists() and (tmp_path / "logs" / f"{names[1]}.log").exists()
+    assert not report.ok
+
+    # Second launch: nothing trains (done skipped, failed not retried).
+    again = _run(spec, tmp_path)
+    assert again.trained == []
+    assert all(len(_calls(tmp_path, n)) == 1 for n in names)
+
+    # --retry-failed retries exactly the failed ones.
+    retried = _run(spec, tmp_path, retry_failed=True)
+    assert sorted(retried.trained) == sorted([names[1], names[3]])
+    assert [len(_calls(tmp_path, n)) for n in names] == [1, 2, 1, 2]
+    assert (tmp_path / names[1] / "result.failed.json").exists()
+
+
+def test_resume_interrupted_run(tmp_path):
+    spec = _spec([1, 2])
+    first, second = [r.name for r in expand(spec)]
+    # A run killed mid-way: checkpoints but no result.json, and a stale lock of a dead process.
+    (tmp_path / first / "checkpoints").mkdir(parents=True)
+    (tmp_path / first / "checkpoints" / "step").write_text("7")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = lock_path(tmp_path, first)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "time": 0}))
+    assert [r["status"] for r in sweep_status(spec, tmp_path)] == ["interrupted", "pending"]
+    report = _run(spec, tmp_path)
+    assert [r["status"] for r in report.rows] == ["done", "done"]
+    assert _calls(tmp_path, first) == [_calls(tmp_path, first)[0]]
+    assert "resumed_from=7" in _calls(tmp_path, first)[0]
+    assert not lock.exists()
+
+
+def test_lock_prevents_double_run(tmp_path):
+    spec = _spec([1, 2])
+    first, second = [r.name for r in expand(spec)]
+    held = RunLock(lock_path(tmp_path, first)).acquire()
+    with pytest.raises(LockHeld):
+        RunLock(lock_path(tmp_path, first)).acquire()
+
+    # While this process holds the lock, the sweep trains the other run and waits for this one.
+    import threading
+
+    def finish_elsewhere():
+        time.sleep(1.0)
+        fake_train(expand(spec)[0].config, tmp_path / first, run_name=first)
+        held.release()
+
+    t = threading.Thread(target=finish_elsewhere)
+    t.start()
+    report = _run(spec, tmp_path)
+    t.join()
+    assert report.trained == [second]
+    assert [r["status"] for r in report.rows] == ["done", "done"]
+    assert len(_calls(tmp_path, first)) == 1  # trained once, by the "other launch"
+
+
+def test_two_launches_never_train_a_run_twice(tmp_path):
+    spec = _spec([1, 2, 3, 4])
+    script = (
+        "import sys; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
+        "from sweeps.spec import spec_from_dict; import json; "
+        "run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
+        "progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None)"
+    ).format(
+        repo=str(REPO),
+        data=json.dumps({"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
+                                                   "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 2, 3, 4]}}),
+        out=str(tmp_path), fake=FAKE,
+    )
+    env = {**os.environ, "FAKE_SLEEP": "0.3"}  # runs overlap, so the launches do race for them
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env) for _ in range(2)]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    assert all(len(_calls(tmp_path, r.name)) == 1 for r in expand(spec))
+
+
+def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
+    spec_data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
+                                          "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 15]}}
+    script = (
+        "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
+        "from sweeps.spec import spec_from_dict; "
+        "run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
+        "progress=False, cache_dir=None, poll_s=0.05)"
+    ).format(repo=str(REPO), data=json.dumps(spec_data), out=str(tmp_path), fake=FAKE)
+    sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    spec = spec_from_dict(spec_data)
+    done_name, slow_name = [r.name for r in expand(spec)]
+    deadline = time.time() + 30
+    while not (tmp_path / slow_name / "checkpoints" / "step").exists() or not (tmp_path / done_name / "result.json").exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGINT)
+    assert sweep.wait(30) != 0
+    assert [r["status"] for r in sweep_status(spec, tmp_path)] == ["done", "interrupted"]
+    # The slow run now behaves (seed 15 only sleeps on its first call): re-run finishes it alone.
+    fixed = spec_from_dict({**spec_data, "grid": {"train.seed": [1, 15]}})
+    os.environ["FAKE_NO_SLEEP"] = "1"
+    try:
+        report = _run(fixed, tmp_path)
+    finally:
+        del os.environ["FAKE_NO_SLEEP"]
+    assert report.trained == [slow_name]
+    assert [r["status"] for r in report.rows] == ["done", "done"]
+    assert "resumed_from=5" in _calls(tmp_path, slow_name)[-1]
+
+
+def test_invalid_spec_launches_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="duplicate runs"):
+        _run(_spec([1, 2, 1]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
