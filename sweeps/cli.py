@@ -104,8 +104,100 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="plan, run and inspect sweeps of many runs", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "sweep",
+        help="plan, run and inspect sweeps of many runs",
+        description=(
+            "Expand a sweep spec (experiments/*.yaml) into runs, train them, and fit the laws.\n"
+            "Re-running `sweep run` skips finished runs and resumes interrupted ones.\n\n"
+            "Examples:\n"
+            "  chinchax sweep plan experiments/quickstart.yaml\n"
+            "  chinchax sweep run experiments/quickstart.yaml --parallel 2\n"
+            "  chinchax sweep run experiments/chinchilla_isoflop.yaml isoflop.budgets=[1e18] --out sweeps_out/one\n"
+            "  chinchax sweep status experiments/quickstart.yaml"
+        ),
+        formatter_class=_Formatter,
+    )
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    actions = p.add_subparsers(dest="sweep_command", metavar="ACTION")
+
+    def common(q: argparse.ArgumentParser, out: bool = True) -> None:
+        q.add_argument("spec", type=Path, help="sweep spec YAML")
+        q.add_argument("overrides", nargs="*", help="spec overrides, e.g. isoflop.budgets=[1e12,3e12] base.train.batch_size=32")
+        if out:
+            q.add_argument("--out", type=Path, default=None, help="sweep directory (default: sweeps_out/<spec name>)")
+
+    q = actions.add_parser("plan", help="print the runs of a spec without training", formatter_class=_Formatter)
+    common(q, out=False)
+    q.set_defaults(func=_cmd_sweep_plan)
+
+    q = actions.add_parser("run", help="train the unfinished runs of a spec, then fit", formatter_class=_Formatter)
+    common(q)
+    q.add_argument("--backend", choices=("local", "ray"), default="local", help="local subprocesses or Ray tasks")
+    q.add_argument("--parallel", type=int, default=None, help="runs at a time (default: one per GPU, or one per 2 CPU cores)")
+    q.add_argument("--gpus-per-run", type=int, default=1, help="accelerators given to each run")
+    q.add_argument("--retry-failed", action="store_true", help="also retry runs whose result.json says failed")
+    q.add_argument("--no-fit", action="store_true", help="skip the spec's fit step")
+    q.add_argument("--no-compile-cache", action="store_true", help="do not share JAX's persistent compilation cache")
+    q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
+    q.set_defaults(func=_cmd_sweep_run)
+
+    q = actions.add_parser("status", help="rebuild and print the sweep index", formatter_class=_Formatter)
+    common(q)
+    q.set_defaults(func=_cmd_sweep_status)
+
+
+def _cmd_sweep_plan(args: argparse.Namespace) -> int:
+    from sweeps.plan import expand, format_plan
+    from sweeps.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(format_plan(spec, expand(spec)))
+    return 0
+
+
+def _cmd_sweep_run(args: argparse.Namespace) -> int:
+    from sweeps.runner import run_sweep
+    from sweeps.spec import read_spec
+
+    spec, raw = read_spec(args.spec, args.overrides)
+    report = run_sweep(
+        spec,
+        args.out,
+        backend=args.backend,
+        parallel=args.parallel,
+        gpus_per_run=args.gpus_per_run,
+        retry_failed=args.retry_failed,
+        train_fn=args.train_fn,
+        fit=not args.no_fit,
+        raw_spec=raw,
+        cache_dir=None if args.no_compile_cache else "default",
+    )
+    return 0 if report.ok else 1
+
+
+def _cmd_sweep_status(args: argparse.Namespace) -> int:
+    from sweeps.runner import default_sweep_dir, sweep_status
+    from sweeps.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    sweep_dir = args.out if args.out is not None else default_sweep_dir(spec)
+    rows = sweep_status(spec, sweep_dir)
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name'.ljust(width)}  {'status':11}  {'N':>8}  {'D':>8}  {'C':>8}  {'eval_loss':>9}  error")
+    for r in rows:
+        loss = r["final_eval_loss"]
+        print(
+            f"{r['name'].ljust(width)}  {r['status']:11}  {r['n_params']:8.3g}  {r['tokens']:8.3g}  {r['flops']:8.3g}  "
+            f"{'' if loss is None else f'{loss:9.4f}':>9}  {r['error'] or ''}"
+        )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    fitted = (sweep_dir / "fits.json").exists()
+    print(f"{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + f"; fits.json {'present' if fitted else 'absent'} in {sweep_dir}")
+    return 0
 
 
 # --------------------------------------------------------------------------- main
