@@ -1,5 +1,7 @@
 """text:<path or glob> sources, BPE datasets, and the one-line errors for bad data settings."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,28 @@ def test_empty_and_short_corpora(tmp_path, corpus):
         _load(f"text:{corpus}", tmp_path, seq_len=2048)
     with pytest.raises(ConfigError, match="training pool has 100 tokens, fewer than model.seq_len\\+1=129"):
         _load(f"text:{corpus}", tmp_path, seq_len=128, dataset_tokens=100)
+
+
+def test_incomplete_cache_files_are_rebuilt(corpus, tmp_path):
+    ds = _load(f"text:{corpus}", tmp_path)
+    folder = tmp_path / "cache" / "datasets"
+    train_path = folder / ds.manifest["files"]["train"]
+    # a token file cut short (e.g. a partial copy) is detected and rebuilt; replaced as a new
+    # file, never truncated in place, because open datasets still map the old one
+    short = folder / "short.part"
+    short.write_bytes(train_path.read_bytes()[:100])
+    os.replace(short, train_path)
+    again = _load(f"text:{corpus}", tmp_path)
+    assert again.n_train_tokens == ds.n_train_tokens and train_path.stat().st_size == 2 * ds.n_train_tokens
+    assert np.array_equal(again.train_batch(3, 2), ds.train_batch(3, 2))
+    (folder / f"{ds.manifest['key']}.json").unlink()  # no manifest: not complete, prepared again
+    assert _load(f"text:{corpus}", tmp_path).manifest["tokens"] == ds.manifest["tokens"]
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_dataset_tokens_beyond_the_pool_is_an_error(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="data.dataset_tokens=10000000 exceeds the .* training tokens of text:"):
+        _load(f"text:{corpus}", tmp_path, dataset_tokens=10_000_000)
 
 
 def test_bytes_tokenizer_needs_vocab_256(corpus, tmp_path):

@@ -76,7 +76,7 @@ class TokenDataset:
 
     def train_batch(self, step: int, batch_size: int) -> np.ndarray:
         """int32 [batch_size, seq_len+1] windows of the training pool for optimiser step ``step``."""
-        rng = np.random.default_rng([_STREAM, int(self.seed), int(step)])
+        rng = np.random.default_rng([_STREAM, int(self.seed) % 2**64, int(step)])
         starts = rng.integers(0, self.n_train_tokens - self.seq_len, size=batch_size)
         return np.asarray(self._train[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
 
@@ -146,6 +146,11 @@ def load_dataset(
     train = _memmap(folder / manifest["files"]["train"], dtype)
     eval_pool = _memmap(folder / manifest["files"]["eval"], dtype)
     if data_cfg.dataset_tokens is not None:
+        if data_cfg.dataset_tokens > train.shape[0]:
+            raise ConfigError(
+                f"data.dataset_tokens={data_cfg.dataset_tokens} exceeds the {train.shape[0]} training tokens "
+                f"of {data_cfg.source}; lower it or leave it unset"
+            )
         train = train[: data_cfg.dataset_tokens]
     manifest = {**manifest, "dataset_tokens": data_cfg.dataset_tokens, "n_train_tokens": int(train.shape[0])}
     return TokenDataset(

@@ -20,6 +20,7 @@ documents rather than, say, only Genesis.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -116,6 +117,23 @@ def _write_tokens(path: Path, docs, tokenizer, dtype, progress: bool, desc: str)
     return n_tokens, n_bytes
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an advisory lock on ``path`` so parallel runs prepare a corpus once, not n times."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent prepares still end in identical, atomically renamed files
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _complete(manifest_path: Path) -> dict | None:
     """The manifest if it and both token files are present with the recorded sizes."""
     if not manifest_path.is_file():
@@ -151,7 +169,16 @@ def prepare_text(
     manifest = _complete(manifest_path)
     if manifest is not None:
         return manifest, folder
+    with _exclusive(folder / f"{key}.lock"):
+        manifest = _complete(manifest_path)  # another process may have finished meanwhile
+        if manifest is None:
+            manifest = _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fraction,
+                                cache_dir, folder, key, manifest_path, progress)
+    return manifest, folder
 
+
+def _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fraction, cache_dir, folder, key,
+             manifest_path, progress) -> dict:
     t0 = time.perf_counter()
     train_docs, eval_docs = split_documents(documents(), eval_fraction, source)
     if tokenizer == "bytes":
@@ -194,4 +221,4 @@ def prepare_text(
     if tokenizer == "bpe":
         manifest["tokenizer"]["file"] = str(cache_dir / "tokenizers" / f"bpe-{tok.hash}.json")
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
-    return manifest, folder
+    return manifest
