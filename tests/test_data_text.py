@@ -1,5 +1,7 @@
 """text:<path or glob> sources, BPE datasets, and the one-line errors for bad data settings."""
 
+import collections
+import math
 import os
 
 import numpy as np
@@ -40,6 +42,10 @@ def test_text_glob_documents_are_paragraphs(corpus, tmp_path):
     held = np.fromfile(folder / m["files"]["eval"], np.uint16).astype(np.uint8).tobytes().split(b"\0")[:-1]
     assert len(held) == m["documents"]["eval"] >= 1
     assert all(h.decode() in PARAGRAPHS and h not in train for h in held)
+    # unigram entropy of the training tokens, by hand
+    counts = collections.Counter(train)
+    probs = [c / len(train) for c in counts.values()]
+    assert m["unigram_entropy"] == pytest.approx(-sum(p * math.log(p) for p in probs), rel=1e-9)
     # a folder names the same files
     assert _load(f"text:{corpus}", tmp_path, eval_fraction=0.2).manifest["key"] == m["key"]
 

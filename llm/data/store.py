@@ -68,6 +68,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.remove(tmp)
 
 
+def unigram_entropy(ids: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
+    """Entropy of the token frequencies of ``ids`` in nats/token: the loss of the best
+    context-free model, a baseline a language model should beat."""
+    counts = np.zeros(vocab_size, np.int64)
+    for i in range(0, ids.shape[0], chunk):
+        counts += np.bincount(np.asarray(ids[i : i + chunk]), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / max(1, counts.sum())
+    return float(-(p * np.log(p)).sum())
+
+
 def split_documents(docs: Iterable[tuple[str, str]], eval_fraction: float, source: str):
     """(train, eval) lists of (key, text), each in hash order; at least one document in each."""
     seen: set[str] = set()
@@ -199,6 +209,7 @@ def _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fractio
         tokens[split], text_bytes[split] = _write_tokens(
             folder / files[split], docs, tok, dtype, progress, f"tokenising {source} ({split})"
         )
+    train_ids = np.memmap(folder / files["train"], dtype=dtype, mode="r") if tokens["train"] else np.zeros(0, dtype)
     atomic_write_bytes(
         folder / f"{key}.docs.json",
         json.dumps({"train": [k for k, _ in train_docs], "eval": [k for k, _ in eval_docs]}).encode(),
@@ -216,6 +227,7 @@ def _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fractio
         "documents": {"train": len(train_docs), "eval": len(eval_docs)},
         "tokens": tokens,
         "text_bytes": text_bytes,
+        "unigram_entropy": unigram_entropy(train_ids, vocab_size),
         "prepare_seconds": round(time.perf_counter() - t0, 3),
     }
     if tokenizer == "bpe":

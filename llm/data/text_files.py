@@ -21,11 +21,18 @@ MAX_DOC_BYTES = 65536
 _BLANK = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
+def visible_files(root: Path) -> list[Path]:
+    """Files below ``root``, skipping hidden ones (.git, .DS_Store, ...)."""
+    return sorted(
+        p for p in Path(root).rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def text_files(pattern: str) -> list[Path]:
     """Sorted files named by ``pattern``; ConfigError when none exist."""
     expanded = os.path.expanduser(pattern)
     if os.path.isdir(expanded):
-        files = [p for p in Path(expanded).rglob("*") if p.is_file()]
+        files = visible_files(Path(expanded))
     elif glob.has_magic(expanded):
         files = [Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
     elif os.path.isfile(expanded):

@@ -98,7 +98,9 @@ def _manual_hash(manual_dir: str) -> str:
     root = Path(manual_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.tfds_manual_dir={manual_dir!r}: folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    from llm.data.text_files import visible_files
+
+    files = visible_files(root)
     if not files:
         raise ConfigError(f"data.tfds_manual_dir={manual_dir!r}: no files inside")
     h = hashlib.sha256(b"chinchax_text:v1")

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from llm.data.text_files import _blocks, _read
+from llm.data.text_files import _blocks, _read, visible_files
 
 NAME = "chinchax_text"
 
@@ -43,7 +43,7 @@ class ChinchaxText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = Path(dl_manager.manual_dir)
-        files = sorted(p for p in root.rglob("*") if p.is_file())
+        files = visible_files(root)
         return {"train": self._generate_examples(root, files)}
 
     def _generate_examples(self, root: Path, files):
