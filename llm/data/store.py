@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm.config import ConfigError
-from llm.data.tokenizers import ByteTokenizer, train_bpe
+from llm.data.tokenizers import BPE_VERSION, ByteTokenizer, train_bpe
 
 FORMAT_VERSION = "1"
 _BATCH_DOCS = 512  # documents per encode call (bounds memory, feeds the progress bar)
@@ -172,7 +172,7 @@ def prepare_text(
     progress: bool = True,
 ) -> tuple[dict, Path]:
     """Tokenise ``documents()`` once (or find it cached); returns (manifest, folder of its files)."""
-    tok_spec = "bytes" if tokenizer == "bytes" else f"bpe{vocab_size}"
+    tok_spec = "bytes" if tokenizer == "bytes" else f"bpe{vocab_size}v{BPE_VERSION}"
     key = hashlib.sha256(f"{FORMAT_VERSION}|{fingerprint}|{eval_fraction!r}|{tok_spec}".encode()).hexdigest()[:24]
     folder = cache_dir / "datasets"
     manifest_path = folder / f"{key}.json"

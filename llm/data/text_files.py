@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from llm.config import ConfigError
 
@@ -71,7 +71,7 @@ def _blocks(text: str) -> Iterator[str]:
             yield "\n".join(piece)
 
 
-def text_corpus(pattern: str) -> tuple[str, callable]:
+def text_corpus(pattern: str) -> tuple[str, Callable[[], Iterator[tuple[str, str]]]]:
     """(content fingerprint, function returning an iterator of (document key, text))."""
     files = text_files(pattern)
     h = hashlib.sha256(b"text:v1")
