@@ -62,6 +62,15 @@ def test_prepared_tfds_dataset_is_reused(prepared):
     assert np.array_equal(again.train_batch(5, 3), ds.train_batch(5, 3))
 
 
+def test_any_prepared_dataset_in_a_data_dir_reads_back(prepared, tmp_path):
+    cfg, ds = prepared
+    (config_dir,) = (tfds.core.Path(cfg.tfds_data_dir) / "chinchax_text").iterdir()
+    plain = DataConfig(source=f"tfds:chinchax_text/{config_dir.name}", tfds_data_dir=cfg.tfds_data_dir,
+                       cache_dir=str(tmp_path), eval_fraction=0.2)
+    again = load_dataset(plain, vocab_size=256, seq_len=16, eval_tokens=64, progress=False)
+    assert again.manifest["tokens"] == ds.manifest["tokens"] and again.manifest["documents"] == ds.manifest["documents"]
+
+
 def test_mock_data_source(tmp_path):
     cfg = DataConfig(source="tfds:imdb_reviews", cache_dir=str(tmp_path), eval_fraction=0.1)
     with tfds.testing.mock_data(num_examples=40):

@@ -115,7 +115,7 @@ def tfds_corpus(name: str, data_cfg: DataConfig, *, cache_dir: Path, progress: b
     if not name:
         raise ConfigError("data.source tfds:<name>[/<config>] needs a dataset name")
     data_dir = data_cfg.tfds_data_dir
-    if name.split("/")[0].split(":")[0] == "chinchax_text":
+    if name == "chinchax_text":  # with a config (chinchax_text/h...) it is read like any prepared dataset
         if not data_cfg.tfds_manual_dir:
             raise ConfigError("data.source tfds:chinchax_text needs data.tfds_manual_dir (a folder of text files)")
         from llm.data.tfds_text import NAME, prepare_local_text
