@@ -42,6 +42,7 @@ def test_text_glob_documents_are_paragraphs(corpus, tmp_path):
     held = np.fromfile(folder / m["files"]["eval"], np.uint16).astype(np.uint8).tobytes().split(b"\0")[:-1]
     assert len(held) == m["documents"]["eval"] >= 1
     assert all(h.decode() in PARAGRAPHS and h not in train for h in held)
+    assert ds.decode(np.frombuffer(held[0], np.uint8)) == held[0].decode()
     # unigram entropy of the training tokens, by hand
     counts = collections.Counter(train)
     probs = [c / len(train) for c in counts.values()]
@@ -73,6 +74,7 @@ def test_bpe_dataset_round_trips_the_corpus(corpus, tmp_path):
     texts = [tok.decode(ids[a + 1 : b].tolist()) for a, b in zip(np.r_[-1, cuts[:-1]], cuts)]
     assert len(texts) == m["documents"]["train"] and all(t in PARAGRAPHS for t in texts)
     assert len(ids) < m["text_bytes"]["train"]  # merges compress
+    assert ds.decode(ids[: cuts[0]]) == texts[0]
 
 
 @pytest.mark.parametrize(

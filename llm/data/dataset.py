@@ -56,6 +56,7 @@ class TokenDataset:
         self.manifest = manifest
         self.entropy_rate = entropy_rate
         self._train = train
+        self._bpe = None
         self.n_train_tokens = int(train.shape[0])
         if eval_windows is not None:  # e.g. independent synthetic sequences
             self._eval_windows = np.asarray(eval_windows, np.int32)
@@ -84,6 +85,21 @@ class TokenDataset:
         """The fixed held-out windows as int32 [b, seq_len+1] batches, b <= batch_size (last may be short)."""
         for i in range(0, self._eval_windows.shape[0], batch_size):
             yield self._eval_windows[i : i + batch_size]
+
+    def decode(self, ids) -> str:
+        """Text of token ids (for samples and debugging); synthetic ids print as numbers."""
+        tok = self.manifest.get("tokenizer", {})
+        if tok.get("name") == "bytes":
+            from llm.data.tokenizers import ByteTokenizer
+
+            return ByteTokenizer().decode(ids)
+        if tok.get("name") == "bpe":
+            if self._bpe is None:
+                from tokenizers import Tokenizer
+
+                self._bpe = Tokenizer.from_file(tok["file"])
+            return self._bpe.decode([int(i) for i in ids], skip_special_tokens=False)
+        return " ".join(str(int(i)) for i in ids)
 
     def __repr__(self) -> str:
         return (
