@@ -1,0 +1,68 @@
+"""One-call entry points: fit_path (fits, table, figures, report) and plot_path (figures only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analysis import figures
+from analysis.bootstrap import DEFAULT_PERCENTILES
+from analysis.load import AnalysisError, load_runs
+from analysis.pipeline import DEFAULT_LAWS, fit_points
+from analysis.prepare import prepare
+from analysis.report import write_outputs
+
+
+def default_out_dir(path) -> Path:
+    """The sweep (or run) directory itself; ``<table stem>_fits/`` next to a table file."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_fits") if path.is_file() else path
+
+
+def fit_path(
+    path, out_dir=None, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
+    flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000, seed=0,
+    percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
+) -> dict:  # fmt: skip
+    """Fit Chinchilla approaches and Kaplan laws to a sweep/run directory or a CSV/Parquet table.
+
+    Writes fits.json, compute_optimal.md/.csv (N_opt, D_opt, tokens per parameter at
+    ``budgets`` FLOPs), figures (PNG + PDF) and report.md into ``out_dir`` (default:
+    ``default_out_dir(path)``). Returns the fits dict (as in fits.json, NaN kept as float).
+
+    approaches: subset of "1", "2", "3". laws: names from analysis.laws.LAWS, "+E" adds an
+    irreducible term (e.g. "kaplan_N+E"). budgets: compute budgets (FLOPs) for the table,
+    default decades from the smallest run to 1,000x the largest. isoflop_budgets: Approach-2
+    budgets, default: runs grouped by final FLOPs. flops: "auto", "6N", "6N+attention" or "6ND"
+    (derive C = 6 N D). n_params: the N column. loss: final_eval_loss or best_eval_loss.
+    exclude: run names to leave out. n_bootstrap: resamples of runs (0: none).
+    holdout_flops: compute threshold of the extrapolation check (default: largest budget held out).
+    """
+    runs, curves = load_runs(path)
+    pts = prepare(runs, curves, flops=flops, n_params=n_params, loss=loss, exclude=exclude)
+    fits = fit_points(
+        pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
+        n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles, holdout_flops=holdout_flops,
+        extrapolation=extrapolation, progress=progress,
+    )  # fmt: skip
+    fits["source"] = str(path)
+    fits["exclude"] = sorted(map(str, exclude))
+    fits["flops_requested"] = flops
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = figures.draw_all(pts, fits, out_dir) if figures_ else []
+    fits["outputs"] = write_outputs(out_dir, fits, figs) | {"figures": figs}
+    return fits
+
+
+def plot_path(path, out_dir=None) -> list[str]:
+    """Redraw the figures of ``path`` from the fits.json a previous fit_path wrote in ``out_dir``."""
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    fits_file = out_dir / "fits.json"
+    if not fits_file.is_file():
+        raise AnalysisError(f"{fits_file} not found: run `chinchax fit {path}` (analysis.fit_path) first")
+    fits = json.loads(fits_file.read_text())
+    runs, curves = load_runs(path)
+    pts = prepare(runs, curves, flops=fits.get("flops_requested", fits["flops_convention"]),
+                  n_params=fits["n_params_column"], loss=fits["loss_column"], exclude=fits.get("exclude", ()))  # fmt: skip
+    return figures.draw_all(pts, fits, out_dir)

@@ -1,0 +1,235 @@
+"""Read a sweep directory, a run directory, or a CSV/Parquet table into two pandas tables.
+
+runs:   one row per run: run, status, error, n_params_total, n_params_nonembed, n_params_active,
+        n_params_active_nonembed, tokens (D), dataset_tokens, steps, flops_6N, flops_6N+attention (C),
+        final_eval_loss, best_eval_loss, final_train_loss, entropy_rate (whatever is known).
+curves: one row per logged step: run, step, tokens, flops_6N, flops_6N+attention,
+        loss (eval loss; NaN on steps without evaluation), train_loss.
+
+The run-directory layout is the project contract (config.yaml, metrics.jsonl, result.json;
+a run is done iff result.json says status "done"). A table may hold only a few columns, e.g.
+``n_params_total, tokens, loss``: ``loss`` is read as the final eval loss, a missing ``run``
+column names rows ``row0, row1, ...``, and a missing ``status`` means "done".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FLOP_CONVENTIONS = ("6N", "6N+attention")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+RUN_COLUMNS = (
+    "run", "status", "error", "n_params_total", "n_params_nonembed", "n_params_active",
+    "n_params_active_nonembed", "tokens", "dataset_tokens", "steps", "flops_6N", "flops_6N+attention",
+    "final_eval_loss", "best_eval_loss", "final_train_loss", "entropy_rate",
+)  # fmt: skip
+CURVE_COLUMNS = ("run", "step", "tokens", "flops_6N", "flops_6N+attention", "loss", "train_loss")
+
+
+class AnalysisError(ValueError):
+    """Input the analysis cannot fit honestly; the message names the rows or columns at fault."""
+
+
+class AnalysisWarning(UserWarning):
+    """Something the user should know about the fit (excluded runs, extrapolated minima)."""
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "result.json").is_file() or (path / "metrics.jsonl").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AnalysisError(f"cannot read {path}: {err}") from err
+
+
+def _read_metrics(path: Path, run: str) -> list[dict]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            # the last line of a run killed mid-write may be truncated; anything else is corrupt
+            if lineno == len(path.read_text().splitlines()):
+                continue
+            raise AnalysisError(f"{path}:{lineno}: not valid JSON")
+        flops = rec.get("flops") or {}
+        rows.append(
+            {
+                "run": run,
+                "step": rec.get("step"),
+                "tokens": rec.get("tokens"),
+                "flops_6N": flops.get("6N", math.nan),
+                "flops_6N+attention": flops.get("6N+attention", math.nan),
+                "loss": rec.get("eval_loss", math.nan),
+                "train_loss": rec.get("train_loss", math.nan),
+            }
+        )
+    return rows
+
+
+def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
+    run = path.name
+    curve = _read_metrics(path / "metrics.jsonl", run)
+    if (path / "result.json").is_file():
+        res = _read_json(path / "result.json")
+        run = res.get("run_name") or run
+        for rec in curve:
+            rec["run"] = run
+        row = {k: res.get(k) for k in RUN_COLUMNS if k not in ("run", "flops_6N", "flops_6N+attention")}
+        row["run"] = run
+        for conv in FLOP_CONVENTIONS:
+            row[f"flops_{conv}"] = (res.get("flops") or {}).get(conv, math.nan)
+        row["run_dir"] = str(path)
+    else:  # still running or killed before the end: known only from its metrics
+        last = curve[-1] if curve else {}
+        row = {"run": run, "status": "unfinished", "error": "no result.json", "run_dir": str(path)}
+        row.update({k: last.get(k) for k in ("tokens", "flops_6N", "flops_6N+attention")})
+    return row, curve
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if path.suffix in (".parquet", ".pq"):
+        table = pd.read_parquet(path)
+    else:
+        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    table = table.copy()
+    if "final_eval_loss" not in table and "loss" in table:
+        table["final_eval_loss"] = table["loss"]
+    if "run" not in table:
+        table["run"] = [f"row{i}" for i in range(len(table))]
+    table["run"] = table["run"].astype(str)
+    if "status" not in table:
+        table["status"] = "done"
+    dupes = table["run"][table["run"].duplicated()].tolist()
+    if dupes:
+        raise AnalysisError(f"{path}: run names repeat: {dupes[:10]}")
+    if "flops_convention" in table and table["flops_convention"].nunique() > 1:
+        first = table["flops_convention"].iloc[0]
+        other = table.loc[table["flops_convention"] != first, "run"].tolist()
+        raise AnalysisError(
+            f"{path}: mixed FLOP conventions in one table ({sorted(table['flops_convention'].unique())}); "
+            f"rows {other[:10]} differ from {first!r}. Fit one convention at a time."
+        )
+    if "step" in table and table.groupby("run").size().max() > 1:
+        raise AnalysisError(f"{path}: a runs table has one row per run; found several rows per run name")
+    cols = ["run"] + [c for c in ("step", "tokens", "flops", "flops_6N", "flops_6N+attention") if c in table]
+    curves = table[cols].copy()
+    curves["loss"] = table["final_eval_loss"] if "final_eval_loss" in table else math.nan
+    curves["train_loss"] = table["final_train_loss"] if "final_train_loss" in table else math.nan
+    return table, curves
+
+
+def load_runs(path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Load runs and their loss curves from a sweep directory, a run directory or a table.
+
+    Returns (runs, curves) as described in the module docstring. Runs whose status is not
+    "done" are kept (with their status) so callers can report them; fits exclude them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AnalysisError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise AnalysisError(f"{path}: expected a sweep/run directory or a {'/'.join(TABLE_SUFFIXES)} table")
+        return _read_table(path)
+    run_dirs = [path] if _is_run_dir(path) else sorted(p for p in path.iterdir() if p.is_dir() and _is_run_dir(p))
+    if not run_dirs:
+        raise AnalysisError(f"{path}: no run directories (folders with result.json or metrics.jsonl) inside")
+    rows, curves = [], []
+    for run_dir in run_dirs:
+        row, curve = _read_run_dir(run_dir)
+        rows.append(row)
+        curves.extend(curve)
+    runs = pd.DataFrame(rows)
+    for col in RUN_COLUMNS:
+        if col not in runs:
+            runs[col] = math.nan
+    curves_df = pd.DataFrame(curves, columns=list(CURVE_COLUMNS))
+    for col in CURVE_COLUMNS[1:]:
+        curves_df[col] = pd.to_numeric(curves_df[col], errors="coerce").astype(float)
+    return runs, curves_df
+
+
+def finished(runs: pd.DataFrame, curves: pd.DataFrame, exclude=()) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Keep runs with status "done" (and not in ``exclude``); warn naming the others.
+
+    Returns (runs, curves, messages) where messages describe what was dropped.
+    """
+    messages = []
+    exclude = set(map(str, exclude))
+    unknown = exclude - set(runs["run"].astype(str))
+    if unknown:
+        raise AnalysisError(f"exclude names unknown runs: {sorted(unknown)}")
+    not_done = runs.loc[runs["status"].astype(str) != "done", "run"].astype(str).tolist()
+    if not_done:
+        messages.append(f"excluded {len(not_done)} unfinished or failed runs: {not_done}")
+    if exclude:
+        messages.append(f"excluded by request: {sorted(exclude)}")
+    for msg in messages:
+        warnings.warn(msg, AnalysisWarning, stacklevel=3)
+    keep = (runs["status"].astype(str) == "done") & ~runs["run"].astype(str).isin(exclude)
+    kept = runs[keep].reset_index(drop=True)
+    return kept, curves[curves["run"].isin(set(kept["run"]))].reset_index(drop=True), messages
+
+
+def select_flops(runs: pd.DataFrame, curves: pd.DataFrame, flops: str = "auto") -> tuple[str, np.ndarray, pd.Series]:
+    """Choose the compute column C: returns (convention, C per run, C per curve row).
+
+    flops: "auto" (6N+attention, else 6N, else C = 6 N D when no FLOP column exists),
+    "6N" or "6N+attention" (a generic ``flops`` column is read as this convention), or
+    "6ND" (derive C = 6 * n_params * tokens, e.g. for a table of N, D, loss).
+    A generic ``flops`` column with flops="auto" is an error: its convention is unknown.
+    """
+    allowed = ("auto", "6ND") + FLOP_CONVENTIONS
+    if flops not in allowed:
+        raise AnalysisError(f"flops={flops!r}; expected one of {allowed}")
+
+    def has(col):
+        return col in runs and runs[col].notna().any()
+
+    if flops == "auto":
+        for conv in ("6N+attention", "6N"):
+            if has(f"flops_{conv}"):
+                return conv, runs[f"flops_{conv}"].to_numpy(float), curves[f"flops_{conv}"]
+        if has("flops"):
+            raise AnalysisError(
+                "the table has a 'flops' column but no convention: pass flops='6N' or '6N+attention' "
+                "to say which it is, or flops='6ND' to recompute C = 6 N D"
+            )
+        flops = "6ND"
+    if flops == "6ND":
+        return "6ND", None, None  # caller derives C = 6 N D with its chosen N
+    col = f"flops_{flops}"
+    if has(col):
+        return flops, runs[col].to_numpy(float), curves[col] if col in curves else None
+    if has("flops"):
+        return flops, runs["flops"].to_numpy(float), curves["flops"] if "flops" in curves else None
+    raise AnalysisError(f"no FLOP column for convention {flops!r} (looked for {col!r} and 'flops')")
+
+
+def check_positive(runs: pd.DataFrame, columns) -> None:
+    """Raise naming the runs whose values in ``columns`` are missing, NaN, infinite or <= 0."""
+    for col in columns:
+        if col not in runs:
+            raise AnalysisError(f"column {col!r} is missing (have {list(runs.columns)})")
+        vals = pd.to_numeric(runs[col], errors="coerce").to_numpy(float)
+        bad = ~(np.isfinite(vals) & (vals > 0))
+        if bad.any():
+            names = runs.loc[bad, "run"].astype(str).tolist()
+            raise AnalysisError(
+                f"{col} must be finite and > 0; bad in {len(names)} runs: {names[:10]}"
+                " (fix the data or pass exclude=[...])"
+            )

@@ -1,0 +1,342 @@
+"""Run every requested fit on prepared points and collect a JSON-ready dict of results."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from analysis import approaches as ap
+from analysis import parametric
+from analysis.bootstrap import DEFAULT_PERCENTILES, intervals, resample_counts
+from analysis.laws import LAWS, fit_law
+from analysis.load import AnalysisError, AnalysisWarning
+from analysis.prepare import Points
+
+DEFAULT_LAWS = ("kaplan_N", "kaplan_D", "kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C")
+
+
+def _warn(messages: list, msg: str) -> None:
+    messages.append(msg)
+    warnings.warn(msg, AnalysisWarning, stacklevel=3)
+
+
+def _power_samples(flops_list_fits, budgets):
+    """Bootstrap (k, exponent) pairs -> N or D at each budget, [n_boot, n_budgets]."""
+    k = np.array([f[0] for f in flops_list_fits])
+    e = np.array([f[1] for f in flops_list_fits])
+    return k[:, None] * np.asarray(budgets, float)[None, :] ** e[:, None]
+
+
+def _laws_summary(n_law, d_law, budgets, boot_nk, boot_dk, percentiles):
+    out = {
+        "a": n_law.exponent, "b": d_law.exponent, "k_N": n_law.k, "k_D": d_law.k,
+        "N_opt": n_law(budgets).tolist(), "D_opt": d_law(budgets).tolist(),
+        "tokens_per_param": (d_law(budgets) / n_law(budgets)).tolist(),
+    }  # fmt: skip
+    if boot_nk:
+        n_s, d_s = _power_samples(boot_nk, budgets), _power_samples(boot_dk, budgets)
+        samples = {"a": [e for _, e in boot_nk], "b": [e for _, e in boot_dk],
+                   "k_N": [k for k, _ in boot_nk], "k_D": [k for k, _ in boot_dk]}  # fmt: skip
+        out["intervals"] = intervals(samples, percentiles)
+        out["intervals_at_budgets"] = [
+            intervals({"N_opt": n_s[:, j], "D_opt": d_s[:, j], "tokens_per_param": d_s[:, j] / n_s[:, j]}, percentiles)
+            for j in range(len(budgets))
+        ]
+        out["bootstrap"] = {k: np.asarray(v, float).tolist() for k, v in samples.items()}
+    return out
+
+
+def _safe_power(x, y):
+    try:
+        law = ap.fit_power_law(x, y)
+        return law.k, law.exponent
+    except (AnalysisError, np.linalg.LinAlgError, ValueError):
+        return np.nan, np.nan
+
+
+def frontier_function(pts: Points, *, n_buckets=100, min_runs=2):
+    """(env_of, method): env_of(include_R or None) -> envelope DataFrame (flops, run_index, n_params, tokens, loss)."""
+    p = pts.points
+    n_r, d_r, c_r, l_r = (p[c].to_numpy(float) for c in ("n_params", "tokens", "flops", "loss"))
+    if pts.has_curves:
+        grid = ap.envelope_grid(pts.curves, flops_col="flops", n_buckets=n_buckets, lo=c_r.min(), hi=c_r.max())
+        loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, grid, flops_col="flops")
+
+        def env_of(include=None):
+            return ap.envelope_from_matrix(grid, loss_RK, tok_RK, n_r, min_runs=min_runs, include_R=include)
+
+        return env_of, f"lower envelope of training curves over {n_buckets} log-spaced FLOP buckets from the smallest to the largest final compute (>= {min_runs} curves each; buckets won by the smallest or largest model dropped)"
+
+    def env_of(include=None):
+        idx = np.arange(len(p)) if include is None else np.flatnonzero(include)
+        env = ap.pareto_final_points(c_r[idx], l_r[idx], n_r[idx], d_r[idx])
+        env["run_index"] = idx[env["run_index"].to_numpy(int)]
+        return env
+
+    return env_of, "no training curves: envelope of final points (runs beating every cheaper run)"
+
+
+def approach1(pts: Points, budgets, counts_BR, messages, *, percentiles=DEFAULT_PERCENTILES):
+    """Chinchilla Approach 1 (envelope of training curves), with bootstrap over runs."""
+    p = pts.points
+    env_of, method = frontier_function(pts)
+    if not pts.has_curves:
+        _warn(messages, "approach 1: the data has no training curves; using the envelope of final points")
+    env = env_of(None)
+    if env["n_params"].nunique() < 2:
+        raise AnalysisError(f"approach 1: the envelope holds {env['n_params'].nunique()} distinct model size(s); need >= 2")
+    if env["n_params"].nunique() < 3:
+        _warn(messages, "approach 1: fewer than 3 model sizes on the envelope; exponents are poorly determined")
+    n_law, d_law = ap.fit_power_law(env["flops"], env["n_params"]), ap.fit_power_law(env["flops"], env["tokens"])
+    boot_n, boot_d = [], []
+    for counts in counts_BR:
+        e = env_of(counts > 0)
+        boot_n.append(_safe_power(e["flops"], e["n_params"]) if len(e) else (np.nan, np.nan))
+        boot_d.append(_safe_power(e["flops"], e["tokens"]) if len(e) else (np.nan, np.nan))
+    out = _laws_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
+    out["method"] = method
+    out["envelope"] = {
+        "flops": env["flops"].tolist(), "n_params": env["n_params"].tolist(), "tokens": env["tokens"].tolist(),
+        "loss": env["loss"].tolist(), "run": p["run"].to_numpy()[env["run_index"].to_numpy(int)].tolist(),
+    }  # fmt: skip
+    return out
+
+
+def _curve_budgets(pts: Points, min_runs=3, n=6):
+    """Budgets spanned by >= min_runs curves, log-spaced (for sweeps that are not IsoFLOP grids)."""
+    ranges = pts.curves.groupby("run")["flops"].agg(["min", "max"])
+    if len(ranges) < min_runs:
+        return np.array([])
+    lo = np.sort(ranges["min"].to_numpy())[min_runs - 1]
+    hi = np.sort(ranges["max"].to_numpy())[::-1][min_runs - 1]
+    return np.geomspace(lo, hi, n) if hi > lo * 1.5 else np.array([])
+
+
+def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None, percentiles=DEFAULT_PERCENTILES):
+    """Chinchilla Approach 2 (IsoFLOP parabolas in ln N), with bootstrap over runs."""
+    p = pts.points
+    n_r, d_r, c_r, l_r = (p[c].to_numpy(float) for c in ("n_params", "tokens", "flops", "loss"))
+    if isoflop_budgets is not None:
+        iso, tol = np.asarray(isoflop_budgets, float), 0.05
+        source = "given"
+    else:
+        iso, tol = ap.auto_budgets(c_r)
+        source = "runs grouped by final FLOPs"
+        if iso.size < 2 and pts.has_curves:
+            iso, tol, source = _curve_budgets(pts), 0.02, "log-spaced budgets spanned by >= 3 training curves"
+    if iso.size < 2:
+        raise AnalysisError(
+            "approach 2 needs >= 2 IsoFLOP budgets with >= 3 runs each; the runs' FLOPs do not group "
+            "that way (pass isoflop_budgets=[...] or train an IsoFLOP grid)"
+        )
+    loss_RK = tok_RK = None
+    if pts.has_curves:
+        loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
+    iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=tol)
+    parabolas = ap.fit_isoflop(iso_pts)
+    used = []
+    for c, par in zip(iso, parabolas):
+        if par is None:
+            _warn(messages, f"approach 2: budget {c:.3g} FLOPs skipped (fewer than 3 model sizes or not convex)")
+        elif not par.inside:
+            _warn(messages, f"approach 2: budget {c:.3g} FLOPs skipped: parabola minimum N={par.n_opt:.3g} lies outside the sampled sizes")
+        else:
+            used.append(par)
+    if len(used) < 2:
+        raise AnalysisError(f"approach 2: only {len(used)} usable IsoFLOP budget(s); need >= 2")
+    cs = [q.budget for q in used]
+    n_law = ap.fit_power_law(cs, [q.n_opt for q in used])
+    d_law = ap.fit_power_law(cs, [q.tokens_opt for q in used])
+    boot_n, boot_d = [], []
+    for counts in counts_BR:
+        pb = [q for q in ap.fit_isoflop(iso_pts, weights_R=counts.astype(float)) if q is not None and q.inside]
+        boot_n.append(_safe_power([q.budget for q in pb], [q.n_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
+        boot_d.append(_safe_power([q.budget for q in pb], [q.tokens_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
+    out = _laws_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
+    out["method"] = f"parabola in ln N per IsoFLOP budget ({source}; final points within {tol:.3f} decades, else interpolated curves)"
+    out["budgets"] = [
+        {"flops": float(c), "fit": None if q is None else {k: getattr(q, k) for k in q.__dataclass_fields__}}
+        for c, q in zip(iso, parabolas)
+    ]
+    out["points"] = {
+        "budget": iso_pts["budget"].tolist(), "n_params": iso_pts["n_params"].tolist(),
+        "tokens": iso_pts["tokens"].tolist(), "loss": iso_pts["loss"].tolist(), "kind": iso_pts["kind"].tolist(),
+    }  # fmt: skip
+    return out
+
+
+def approach3(pts: Points, budgets, n_bootstrap, seed, percentiles=DEFAULT_PERCENTILES):
+    """Chinchilla Approach 3 (parametric Huber fit, full grid), bootstrap with warm starts."""
+    p = pts.points
+    n, d, l = p["n_params"].to_numpy(float), p["tokens"].to_numpy(float), p["loss"].to_numpy(float)
+    fit = parametric.fit_parametric(n, d, l)
+    out = fit.to_dict()
+    n_opt, d_opt = parametric.compute_optimal(fit.params, budgets)
+    out.update(N_opt=n_opt.tolist(), D_opt=d_opt.tolist(), tokens_per_param=(d_opt / n_opt).tolist(),
+               loss_opt=parametric.predict(fit.params, n_opt, d_opt).tolist())  # fmt: skip
+    out["residuals_log"] = (np.log(parametric.predict(fit.params, n, d)) - np.log(l)).tolist()
+    if n_bootstrap:
+        b = parametric.bootstrap_parametric(n, d, l, fit, n_bootstrap=n_bootstrap, seed=seed)
+        der = parametric.derived(b)
+        samples = {k: b[k] for k in parametric.PARAM_NAMES} | {"a": der["a"], "b": der["b"], "G": der["G"]}
+        out["intervals"] = intervals(samples, percentiles)
+        nb, db = parametric.compute_optimal({k: b[k][:, None] for k in parametric.PARAM_NAMES}, np.asarray(budgets)[None, :])
+        out["intervals_at_budgets"] = [
+            intervals({"N_opt": nb[:, j], "D_opt": db[:, j], "tokens_per_param": db[:, j] / nb[:, j]}, percentiles)
+            for j in range(len(budgets))
+        ]
+        out["bootstrap"] = {k: np.asarray(v, float).tolist() for k, v in samples.items()}
+        out["bootstrap_converged_fraction"] = float(np.mean(b["converged"]))
+        out["bootstrap_starts"] = "warm: full-data optimum + 2 other local optima + 3 random grid points per resample"
+    return out, fit
+
+
+def _law_data(name: str, pts: Points, rows=None, frontier_fn=None):
+    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample)."""
+    p = pts.points if rows is None else pts.points.iloc[rows]
+    if name.startswith("kaplan_N") and not name.startswith(("kaplan_ND", "kaplan_NS")):
+        g = p.groupby("n_params_kaplan")["loss"].min()  # best loss reached at each size
+        return {"N": g.index.to_numpy(float)}, g.to_numpy(float)
+    if name.startswith("kaplan_D"):
+        key = np.round(np.log10(p["tokens"]), 3)
+        g = p.assign(key=key).groupby("key").agg(tokens=("tokens", "median"), loss=("loss", "min"))
+        return {"D": g["tokens"].to_numpy(float)}, g["loss"].to_numpy(float)
+    if name.startswith(("kaplan_C", "saturating_C")):
+        include = None
+        if rows is not None:
+            include = np.zeros(len(pts.points), bool)
+            include[rows] = True
+        env = frontier_fn(include)
+        return {"C": env["flops"].to_numpy(float)}, env["loss"].to_numpy(float)
+    if name.startswith(("kaplan_ND", "chinchilla")):
+        return {"N": p["n_params_kaplan"].to_numpy(float) if name.startswith("kaplan") else p["n_params"].to_numpy(float),
+                "D": p["tokens"].to_numpy(float)}, p["loss"].to_numpy(float)  # fmt: skip
+    if name.startswith("kaplan_NS"):
+        c = pts.curves[pts.curves["step"] > 0]
+        if rows is not None:  # curve points of resampled runs, repeated by multiplicity
+            c = pd.concat([c[c["run"] == r] for r in p["run"]])
+        if c.empty:
+            raise AnalysisError("kaplan_NS needs training curves with steps (none in the data)")
+        nk = dict(zip(pts.points["run"], pts.points["n_params_kaplan"]))
+        return {"N": c["run"].map(nk).to_numpy(float), "S": c["step"].to_numpy(float)}, c["loss"].to_numpy(float)
+    raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
+
+
+def make_law(name: str):
+    base, _, extra = name.partition("+")
+    if base not in LAWS or extra not in ("", "E"):
+        raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
+    if base in ("saturating_C", "chinchilla"):
+        return LAWS[base]()
+    return LAWS[base](irreducible=extra == "E")
+
+
+def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False):
+    """Fit each named law; bootstrap warm-started from the full-data optimum."""
+    frontier_fn, _ = frontier_function(pts)
+    out = {}
+    for name in laws:
+        law = make_law(name)
+        try:
+            x, y = _law_data(name, pts, frontier_fn=frontier_fn)
+            fitted = fit_law(law, y, **x)
+        except AnalysisError as err:
+            _warn(messages, f"law {name} skipped: {err}")
+            continue
+        res = fitted.to_dict()
+        res["data"] = {k: v.tolist() for k, v in x.items()} | {"loss": y.tolist()}
+        samples = {k: [] for k in law.param_names}
+        for counts in tqdm(counts_BR, desc=f"bootstrap {name}", disable=not progress, leave=False):
+            try:
+                xb, yb = _law_data(name, pts, np.repeat(np.arange(len(pts.points)), counts), frontier_fn)
+                pb = fit_law(law, yb, theta0=fitted.theta, **xb).params
+            except (AnalysisError, ValueError):
+                pb = {k: np.nan for k in law.param_names}
+            for k in law.param_names:
+                samples[k].append(pb[k])
+        if counts_BR is not None and len(counts_BR):
+            res["intervals"] = intervals(samples, percentiles)
+        out[name] = res
+    return out
+
+
+def extrapolation_check(pts: Points, holdout_flops=None):
+    """Fit Approach 3 on runs below a compute threshold; report loss errors on the held-out runs."""
+    p = pts.points
+    c = p["flops"].to_numpy(float)
+    if holdout_flops is None:
+        budgets, _ = ap.auto_budgets(c)
+        if budgets.size >= 3:
+            holdout_flops = float(np.sqrt(budgets[-1] * budgets[-2]))
+        else:
+            holdout_flops = float(np.percentile(c, 75))
+    train = c < holdout_flops
+    if train.sum() < 6 or (~train).sum() < 1:
+        return {"skipped": f"threshold {holdout_flops:.3g} leaves {train.sum()} fit / {(~train).sum()} held-out runs"}
+    q = p[train]
+    fit = parametric.fit_parametric(q["n_params"], q["tokens"], q["loss"])
+    held = p[~train]
+    pred = parametric.predict(fit.params, held["n_params"], held["tokens"])
+    rel = pred / held["loss"].to_numpy(float) - 1.0
+    return {
+        "threshold_flops": holdout_flops, "n_fit": int(train.sum()), "n_heldout": int((~train).sum()),
+        "fit_params": fit.params, "heldout_runs": held["run"].tolist(), "predicted_loss": pred.tolist(),
+        "observed_loss": held["loss"].tolist(), "relative_error": rel.tolist(),
+        "mean_abs_relative_error": float(np.mean(np.abs(rel))), "max_abs_relative_error": float(np.max(np.abs(rel))),
+    }  # fmt: skip
+
+
+def default_budgets(flops) -> np.ndarray:
+    """Decades from the smallest run's compute up to 1,000x the largest (the table's rows)."""
+    lo, hi = np.floor(np.log10(np.min(flops))), np.ceil(np.log10(np.max(flops))) + 3
+    return 10.0 ** np.arange(lo, hi + 1)
+
+
+def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
+               n_bootstrap=1000, seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True,
+               progress=True) -> dict:  # fmt: skip
+    """All requested fits on prepared points; returns the fits dict written to fits.json."""
+    messages = list(pts.messages)
+    approaches = tuple(str(a) for a in approaches)
+    bad = [a for a in approaches if a not in ("1", "2", "3")]
+    if bad:
+        raise AnalysisError(f"unknown approach(es) {bad}; choose from 1, 2, 3")
+    budgets = default_budgets(pts.points["flops"]) if budgets is None else np.asarray(budgets, float)
+    rng = np.random.default_rng(seed)
+    counts_BR = resample_counts(len(pts.points), n_bootstrap, rng) if n_bootstrap else np.zeros((0, len(pts.points)), int)
+    stages = [f"approach {a}" for a in approaches] + (["laws"] if laws else []) + (["extrapolation"] if extrapolation else [])
+    out = {
+        "flops_convention": pts.flops_convention, "n_params_column": pts.n_params_column,
+        "kaplan_n_column": pts.kaplan_n_column, "loss_column": pts.loss_column, "n_runs": int(len(pts.points)),
+        "runs": pts.points["run"].tolist(), "budgets": budgets.tolist(), "n_bootstrap": int(n_bootstrap),
+        "seed": int(seed), "percentiles": list(percentiles), "approaches": {}, "laws": {},
+    }  # fmt: skip
+    with tqdm(total=len(stages), desc="fitting", disable=not progress) as bar:
+        for a in approaches:
+            bar.set_postfix_str(f"approach {a}")
+            try:
+                if a == "1":
+                    out["approaches"]["1"] = approach1(pts, budgets, counts_BR, messages, percentiles=percentiles)
+                elif a == "2":
+                    out["approaches"]["2"] = approach2(pts, budgets, counts_BR, messages, isoflop_budgets=isoflop_budgets,
+                                                       percentiles=percentiles)  # fmt: skip
+                else:
+                    out["approaches"]["3"], _ = approach3(pts, budgets, n_bootstrap, seed + 1, percentiles)
+            except AnalysisError as err:
+                if len(approaches) == 1:
+                    raise
+                _warn(messages, f"approach {a} failed: {err}")
+            bar.update()
+        if laws:
+            bar.set_postfix_str("laws")
+            out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress)
+            bar.update()
+        if extrapolation:
+            bar.set_postfix_str("extrapolation")
+            out["extrapolation"] = extrapolation_check(pts, holdout_flops)
+            bar.update()
+    out["warnings"] = messages
+    return out

@@ -1,0 +1,163 @@
+"""Write fits.json, the compute-optimal table (markdown + CSV) and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import references
+
+APPROACH_NAMES = {"1": "Approach 1 (envelope)", "2": "Approach 2 (IsoFLOP)", "3": "Approach 3 (parametric)"}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path: Path, fits: dict) -> None:
+    _atomic_write_text(path, json.dumps(_clean(fits), indent=1) + "\n")
+
+
+def compute_optimal_table(fits: dict) -> pd.DataFrame:
+    """One row per (budget, approach): N_opt, D_opt, tokens per parameter, with bootstrap intervals."""
+    rows = []
+    for a, res in fits.get("approaches", {}).items():
+        at = res.get("intervals_at_budgets") or [None] * len(fits["budgets"])
+        for j, c in enumerate(fits["budgets"]):
+            row = {"flops": c, "approach": a, "N_opt": res["N_opt"][j], "D_opt": res["D_opt"][j],
+                   "tokens_per_param": res["tokens_per_param"][j]}  # fmt: skip
+            for q in ("N_opt", "D_opt", "tokens_per_param"):
+                iv = at[j][q] if at[j] else {}
+                row[f"{q}_low"], row[f"{q}_high"] = iv.get("low"), iv.get("high")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _g(x, digits=3):
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
+
+
+def _iv(res, key, digits=3):
+    iv = (res.get("intervals") or {}).get(key)
+    if not iv or iv.get("low") is None:
+        return ""
+    return f" ({_g(iv['low'], digits)}, {_g(iv['high'], digits)})"
+
+
+def table_markdown(table: pd.DataFrame, fits: dict) -> str:
+    pct = fits.get("percentiles", [10, 90])
+    lines = [
+        f"| FLOPs ({fits['flops_convention']}) | approach | N_opt | N_opt {pct[0]:g}-{pct[1]:g}% | D_opt (tokens) "
+        f"| D_opt {pct[0]:g}-{pct[1]:g}% | tokens / parameter |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, r in table.iterrows():
+        lo_hi = lambda q: "" if r[f"{q}_low"] is None or pd.isna(r[f"{q}_low"]) else f"{_g(r[f'{q}_low'])} – {_g(r[f'{q}_high'])}"  # noqa: E731
+        lines.append(
+            f"| {r['flops']:.2e} | {r['approach']} | {_g(r['N_opt'])} | {lo_hi('N_opt')} | {_g(r['D_opt'])} | "
+            f"{lo_hi('D_opt')} | {r['tokens_per_param']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
+    """report.md: data, exponents (like Chinchilla Table 2), parameters, laws, table, checks, figures."""
+    out = [f"# Scaling-law fits: `{fits.get('source', '')}`", ""]
+    out += [
+        f"- runs fitted: {fits['n_runs']}; N = `{fits['n_params_column']}` (Kaplan laws: `{fits['kaplan_n_column']}`);"
+        f" loss = `{fits['loss_column']}`; C convention: `{fits['flops_convention']}`",
+        f"- bootstrap: {fits['n_bootstrap']} resamples of runs, seed {fits['seed']}, intervals are the "
+        f"{fits['percentiles'][0]:g}th–{fits['percentiles'][1]:g}th percentiles",
+        "",
+    ]
+    if fits.get("warnings"):
+        out += ["## Warnings", ""] + [f"- {w}" for w in fits["warnings"]] + [""]
+    out += ["## Compute-optimal exponents (N_opt ∝ C^a, D_opt ∝ C^b)", "",
+            "| approach | a | b | method |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for a, res in fits.get("approaches", {}).items():
+        ea, eb = (res["a"], res["b"]) if a != "3" else (res["derived"]["a"], res["derived"]["b"])
+        method = res.get("method", res.get("loss", ""))
+        out.append(f"| {APPROACH_NAMES[a]} | {ea:.3f}{_iv(res, 'a')} | {eb:.3f}{_iv(res, 'b')} | {method} |")
+    out += [
+        "| Hoffmann et al. 2022, Table 2 (published) | 0.50 / 0.49 / 0.46 | 0.50 / 0.51 / 0.54 | Approaches 1 / 2 / 3 |",
+        "| Besiroglu et al. 2024 refit of Approach 3 | 0.51 | 0.49 | summed Huber terms |",
+        f"| Kaplan et al. 2020 | {references.KAPLAN_N_OPT['exponent']} | 0.27 | N non-embedding |",
+        "",
+    ]
+    a3 = fits.get("approaches", {}).get("3")
+    if a3:
+        p = a3["params"]
+        out += ["## Approach 3: L(N, D) = E + A / N^alpha + B / D^beta", "",
+                "| parameter | value | interval |", "| --- | --- | --- |"]  # fmt: skip
+        for k in ("E", "A", "B", "alpha", "beta"):
+            out.append(f"| {k} | {_g(p[k], 5)} | {_iv(a3, k, 4)} |")
+        out.append(f"| G | {_g(a3['derived']['G'], 4)} | {_iv(a3, 'G', 4)} |")
+        out += [
+            "",
+            f"- objective {a3['objective']:.6g} ({a3['loss']}); converged: {a3['converged']}; "
+            f"{a3['n_converged']}/{a3['n_starts']} starts converged; best start {a3['best_start']} "
+            f"(on the grid edge: {a3['start_on_grid_edge']}); optimum outside the grid box: {a3['optimum_outside_grid']}",
+        ]
+        if "bootstrap_starts" in a3:
+            out.append(f"- bootstrap refits: {a3['bootstrap_starts']}; converged fraction {a3['bootstrap_converged_fraction']:.3f}")
+        out.append("- N_opt(C) = G (C/6)^a uses C = 6 N D, as in Hoffmann et al. 2022")
+        out.append("")
+    if fits.get("laws"):
+        out += ["## Other laws (least squares on log loss)", "", "| law | formula | parameters | RMS log residual | points |",
+                "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, f in fits["laws"].items():
+            prm = ", ".join(f"{k} = {_g(v, 4)}{_iv(f, k)}" for k, v in f["params"].items())
+            out.append(f"| {name} | {f['formula']} | {prm} | {f['rmse_log_loss']:.4f} | {f['n_points']} |")
+        out.append("")
+    out += ["## Compute-optimal allocation (cf. Hoffmann et al. 2022, Table 3)", "", table_md]
+    ex = fits.get("extrapolation")
+    if ex:
+        out += ["## Extrapolation check (Approach 3 fitted below a compute threshold)", ""]
+        if "skipped" in ex:
+            out.append(f"- skipped: {ex['skipped']}")
+        else:
+            out.append(
+                f"- fitted on {ex['n_fit']} runs with C < {ex['threshold_flops']:.3g}; {ex['n_heldout']} held-out runs: "
+                f"mean |relative loss error| {ex['mean_abs_relative_error']:.4f}, max {ex['max_abs_relative_error']:.4f}"
+            )
+        out.append("")
+    if figures:
+        out += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures if f.endswith(".png")]
+    return "\n".join(out) + "\n"
+
+
+def write_outputs(out_dir: Path, fits: dict, figures: list[str]) -> dict:
+    """fits.json, compute_optimal.{md,csv}, report.md in out_dir; returns their paths."""
+    table = compute_optimal_table(fits)
+    md = table_markdown(table, fits)
+    paths = {"fits": out_dir / "fits.json", "table_md": out_dir / "compute_optimal.md",
+             "table_csv": out_dir / "compute_optimal.csv", "report": out_dir / "report.md"}  # fmt: skip
+    write_json(paths["fits"], fits)
+    _atomic_write_text(paths["table_md"], md)
+    _atomic_write_text(paths["table_csv"], table.to_csv(index=False))
+    _atomic_write_text(paths["report"], report_markdown(fits, md, figures))
+    return {k: str(v) for k, v in paths.items()}
