@@ -13,6 +13,8 @@ Dispatch, same semantics wherever no token is dropped:
     tokens in the batch; first choices claim slots before second choices (GShard),
     earlier tokens before later ones. One-hot dispatch/combine einsums; assignments
     over capacity are dropped (the token keeps only its residual for that expert).
+    Which assignments fit depends on the whole batch, later positions included, so
+    the capacity path is not strictly causal (as in Switch/GShard); dropless is.
 n_shared always-on shared experts run densely on every token (one MLP of width
 n_shared * d_ff_expert, which is exactly the sum of n_shared experts).
 
