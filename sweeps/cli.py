@@ -134,7 +134,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("run", help="train the unfinished runs of a spec, then fit", formatter_class=_Formatter)
     common(q)
     q.add_argument("--backend", choices=("local", "ray"), default="local", help="local subprocesses or Ray tasks")
-    q.add_argument("--parallel", type=int, default=None, help="runs at a time (default: one per GPU, or one per 2 CPU cores)")
+    q.add_argument("--parallel", type=int, default=None, help="runs at a time (default: one per GPU; on CPU one per core, at most 4)")
     q.add_argument("--gpus-per-run", type=int, default=1, help="accelerators given to each run")
     q.add_argument("--retry-failed", action="store_true", help="also retry runs whose result.json says failed")
     q.add_argument("--no-fit", action="store_true", help="skip the spec's fit step")

@@ -58,8 +58,8 @@ def _slug(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, (int, float)):
         return _short(value)
-    if isinstance(value, Mapping):
-        return "-".join(f"{k}{_slug(v)}" for k, v in value.items())
+    if isinstance(value, Mapping):  # e.g. a model.moe section: its first two values, "8x2"
+        return "x".join(_slug(v) for v in list(value.values())[:2])
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(value)).strip("_")
 
 

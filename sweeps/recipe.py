@@ -7,16 +7,19 @@ the spec's ``recipe:`` section.
 Shape rule (``shape_for_params``), pure and deterministic:
 
 * d_model runs over multiples of ``round_to`` (64 suits GPU/TPU tiles; 8 suits tiny
-  CPU models). For each candidate width the depth follows the fixed aspect ratio,
-  ``n_layers = max(1, round(d_model / aspect_ratio))`` (Kaplan et al. 2020 found loss
-  nearly flat for d_model/n_layers between about 20 and 200).
+  CPU models). For each candidate width the depth follows the aspect ratio:
+  ``n_layers = max(1, round(d_model / aspect_ratio))``, or any depth whose
+  d_model/n_layers is within a factor ``aspect_tolerance`` of ``aspect_ratio`` (Kaplan et
+  al. 2020 found loss nearly flat for d_model/n_layers between about 20 and 200; the
+  slack makes sizes finer-grained than the width steps alone).
 * ``n_heads`` is the largest divisor of d_model not above ``d_model / head_dim`` whose
   head dim is even (RoPE rotates pairs); so the head dim is ``head_dim`` whenever
   d_model is a multiple of it.
 * ``d_ff = ffn_ratio * d_model`` rounded up to a multiple of ``round_to``
   (8/3 keeps a SwiGLU MLP at the parameter count of a 4x GELU MLP).
-* The chosen width is the one whose exact parameter count (``llm.counting.n_params``,
-  key ``count``) is closest to the target in log space; ties go to the smaller model.
+* The chosen (width, depth) is the one whose exact parameter count
+  (``llm.counting.n_params``, key ``count``) is closest to the target in log space; ties
+  go to the aspect ratio nearest ``aspect_ratio``, then to the smaller model.
 
 Learning-rate rule: ``lr = lr_ref * (N / n_ref) ** -lr_exponent``, a gentle decrease
 with size between Kaplan's logarithmic rule and the 1/width of muP. Batch rule:
@@ -41,6 +44,7 @@ class Recipe:
     """Rules from a target parameter count to model shape, learning rate and batch size."""
 
     aspect_ratio: float = 64.0  # d_model / n_layers
+    aspect_tolerance: float = 1.5  # depths with d_model/n_layers within this factor are allowed
     head_dim: int = 64  # preferred d_model / n_heads
     ffn_ratio: float = 8 / 3  # d_ff / d_model before rounding (8/3 for SwiGLU, 4 for GELU)
     round_to: int = 64  # d_model and d_ff are multiples of this
@@ -58,6 +62,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.count not in _COUNTS:
             raise ConfigError(f"recipe.count={self.count!r} must be one of {', '.join(_COUNTS)}")
+        if self.aspect_tolerance < 1:
+            raise ConfigError(f"recipe.aspect_tolerance must be >= 1, got {self.aspect_tolerance}")
         for name in ("aspect_ratio", "head_dim", "ffn_ratio", "round_to", "max_d_model", "lr_ref", "n_ref"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"recipe.{name} must be > 0, got {getattr(self, name)}")
@@ -106,6 +112,14 @@ def _with_shape(model: ModelConfig, shape: dict[str, int]) -> ModelConfig:
     return dataclasses.replace(model, **changes)
 
 
+def depths_for_width(d_model: int, recipe: Recipe) -> list[int]:
+    """Depths allowed at width d_model: aspect ratio within ``aspect_tolerance`` of the target."""
+    centre = max(1, int(math.floor(d_model / recipe.aspect_ratio + 0.5)))
+    lo = max(1, int(math.ceil(d_model / (recipe.aspect_ratio * recipe.aspect_tolerance) - 1e-9)))
+    hi = max(lo, int(math.floor(d_model * recipe.aspect_tolerance / recipe.aspect_ratio + 1e-9)))
+    return sorted(set(range(lo, hi + 1)) | {centre})
+
+
 def shape_for_params(n_target: float, model: ModelConfig, recipe: Recipe) -> dict[str, int]:
     """Dims (d_model, n_layers, n_heads, d_ff) whose counted N is closest to ``n_target``.
 
@@ -114,15 +128,23 @@ def shape_for_params(n_target: float, model: ModelConfig, recipe: Recipe) -> dic
     """
     if not n_target > 0:
         raise ConfigError(f"target parameter count must be > 0, got {n_target}")
-    best: tuple[float, int, dict[str, int]] | None = None
+    best: tuple[tuple[float, float, int], int, dict[str, int]] | None = None
     d_model = recipe.round_to
     while d_model <= recipe.max_d_model:
-        shape = shape_of_width(d_model, recipe)
-        n = count_params(_with_shape(model, shape), recipe)
-        gap = abs(math.log(max(n, 1) / n_target))
-        if best is None or gap < best[0] - 1e-12:
-            best = (gap, n, shape)
-        if n > 2 * n_target:  # counts grow with width: nothing wider can be closer
+        smallest = None
+        for n_layers in depths_for_width(d_model, recipe):
+            shape = {**shape_of_width(d_model, recipe), "n_layers": n_layers}
+            n = count_params(_with_shape(model, shape), recipe)
+            smallest = n if smallest is None else min(smallest, n)
+            # Closest N in log space; then the aspect ratio nearest the target; then the smaller.
+            key = (
+                round(abs(math.log(max(n, 1) / n_target)), 9),
+                round(abs(math.log(d_model / n_layers / recipe.aspect_ratio)), 9),
+                n,
+            )
+            if best is None or key < best[0]:
+                best = (key, n, shape)
+        if smallest is not None and smallest > 2 * n_target:  # counts grow with width
             break
         d_model += recipe.round_to
     assert best is not None

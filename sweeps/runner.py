@@ -96,6 +96,7 @@ class Progress:
         self.est_finished = 0.0  # estimated seconds of the runs finished by this launch
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last = ""
+        self.last_print = 0.0
 
     def finished(self, name: str) -> None:
         self.est_finished += self.est.get(name, 0.0)
@@ -117,8 +118,9 @@ class Progress:
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()
-        elif force or line.split(" | ")[0] != self.last.split(" | ")[0]:
-            print(line, file=self.stream, flush=True)
+        elif force or line.split(" | ")[0] != self.last.split(" | ")[0] or time.monotonic() - self.last_print > 30:
+            print(line, file=self.stream, flush=True)  # a log file gets changes and a 30 s heartbeat
+            self.last_print = time.monotonic()
         self.last = line
 
     def close(self) -> None:
