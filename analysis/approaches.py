@@ -212,13 +212,19 @@ def fit_parabola(budget, n_params, tokens, loss, weights=None) -> Parabola | Non
 def fit_isoflop(points: pd.DataFrame, weights_R=None) -> list[Parabola | None]:
     """A parabola per budget in ``points`` (weights_R: multiplicity of each run, for the bootstrap)."""
     out = []
-    for _, g in points.groupby("budget_index", sort=True):
-        w = None
-        if weights_R is not None:
-            w = weights_R[g["run_index"].to_numpy()]
-            g, w = g[w > 0], w[w > 0]
-            if g.empty:
-                out.append(None)
-                continue
-        out.append(fit_parabola(g["budget"].iloc[0], g["n_params"], g["tokens"], g["loss"], w))
+    groups = points.attrs.get("_groups")
+    if groups is None:  # cache per-budget arrays: the bootstrap calls this 1,000 times
+        groups = [
+            (g["budget"].iloc[0], g["run_index"].to_numpy(), g["n_params"].to_numpy(float),
+             g["tokens"].to_numpy(float), g["loss"].to_numpy(float))
+            for _, g in points.groupby("budget_index", sort=True)
+        ]  # fmt: skip
+        points.attrs["_groups"] = groups
+    for budget, run_idx, n, d, loss in groups:
+        if weights_R is None:
+            out.append(fit_parabola(budget, n, d, loss))
+            continue
+        w = weights_R[run_idx]
+        keep = w > 0
+        out.append(fit_parabola(budget, n[keep], d[keep], loss[keep], w[keep]) if keep.any() else None)
     return out

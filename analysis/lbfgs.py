@@ -72,6 +72,8 @@ def minimize_batch(
     max_linesearch: int = 40,
     c1: float = 1e-4,
     c2: float = 0.9,
+    stall_window: int = 25,
+    stall_tol: float = 1e-9,
 ) -> BatchResult:
     """Minimise S independent smooth functions with L-BFGS and a weak-Wolfe bisection line search.
 
@@ -92,6 +94,7 @@ def minimize_batch(
     active_S = np.isfinite(f_S) & np.all(np.isfinite(g_SP), axis=1)
     converged_S = np.zeros(n_prob, bool)
     n_iter_S = np.zeros(n_prob, int)
+    f_ref_S = f_S.copy()  # objective `stall_window` iterations ago (stall test)
 
     for _ in range(max_iter):
         act = np.flatnonzero(active_S)
@@ -155,5 +158,11 @@ def minimize_batch(
         x_SP[act], f_S[act], g_SP[act] = x_new, f_acc, g_acc
         n_iter_S[act] += 1
         converged_S[act[stop]] = np.isfinite(f_acc[stop])
-        active_S[act[stop]] = False
+        # stalled: creeping along a flat valley, relative progress over the window below
+        # stall_tol; stopped but NOT counted as converged (a few such starts would otherwise
+        # run to max_iter one line search at a time)
+        check = (n_iter_S[act] % stall_window == 0) & ~stop
+        stalled = check & (f_ref_S[act] - f_acc <= stall_tol * np.abs(f_acc))
+        f_ref_S[act[check]] = f_acc[check]
+        active_S[act[stop | stalled]] = False
     return BatchResult(x_SP=x_SP, f_S=f_S, grad_SP=g_SP, converged_S=converged_S, n_iter_S=n_iter_S)

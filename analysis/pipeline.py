@@ -194,34 +194,43 @@ def approach3(pts: Points, budgets, n_bootstrap, seed, percentiles=DEFAULT_PERCE
     return out, fit
 
 
+def _min_by_key(key, x, loss):
+    """Per distinct key: the key's x (first seen) and the lowest loss."""
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    best = np.full(uniq.size, np.inf)
+    np.minimum.at(best, inv, loss)
+    return x[first], best
+
+
 def _law_data(name: str, pts: Points, rows=None, frontier_fn=None):
-    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample)."""
-    p = pts.points if rows is None else pts.points.iloc[rows]
+    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample, with repeats)."""
+    p = pts.points
+    rows = np.arange(len(p)) if rows is None else np.asarray(rows)
+    n_k, d, loss = (p[c].to_numpy(float)[rows] for c in ("n_params_kaplan", "tokens", "loss"))
     if name.startswith("kaplan_N") and not name.startswith(("kaplan_ND", "kaplan_NS")):
-        g = p.groupby("n_params_kaplan")["loss"].min()  # best loss reached at each size
-        return {"N": g.index.to_numpy(float)}, g.to_numpy(float)
+        x, y = _min_by_key(n_k, n_k, loss)  # best loss reached at each model size
+        return {"N": x}, y
     if name.startswith("kaplan_D"):
-        key = np.round(np.log10(p["tokens"]), 3)
-        g = p.assign(key=key).groupby("key").agg(tokens=("tokens", "median"), loss=("loss", "min"))
-        return {"D": g["tokens"].to_numpy(float)}, g["loss"].to_numpy(float)
+        x, y = _min_by_key(np.round(np.log10(d), 3), d, loss)  # best loss at each token count
+        return {"D": x}, y
     if name.startswith(("kaplan_C", "saturating_C")):
-        include = None
-        if rows is not None:
-            include = np.zeros(len(pts.points), bool)
-            include[rows] = True
-        env = frontier_fn(include)
+        include = np.zeros(len(p), bool)
+        include[rows] = True
+        env = frontier_fn(None if include.all() else include)
         return {"C": env["flops"].to_numpy(float)}, env["loss"].to_numpy(float)
     if name.startswith(("kaplan_ND", "chinchilla")):
-        return {"N": p["n_params_kaplan"].to_numpy(float) if name.startswith("kaplan") else p["n_params"].to_numpy(float),
-                "D": p["tokens"].to_numpy(float)}, p["loss"].to_numpy(float)  # fmt: skip
+        n = n_k if name.startswith("kaplan") else p["n_params"].to_numpy(float)[rows]
+        return {"N": n, "D": d}, loss
     if name.startswith("kaplan_NS"):
         c = pts.curves[pts.curves["step"] > 0]
-        if rows is not None:  # curve points of resampled runs, repeated by multiplicity
-            c = pd.concat([c[c["run"] == r] for r in p["run"]])
         if c.empty:
             raise AnalysisError("kaplan_NS needs training curves with steps (none in the data)")
-        nk = dict(zip(pts.points["run"], pts.points["n_params_kaplan"]))
-        return {"N": c["run"].map(nk).to_numpy(float), "S": c["step"].to_numpy(float)}, c["loss"].to_numpy(float)
+        run_idx = c["run"].map({r: i for i, r in enumerate(p["run"])}).to_numpy()
+        order = np.argsort(run_idx, kind="stable")
+        starts = np.searchsorted(run_idx[order], np.arange(len(p) + 1))
+        sel = np.concatenate([order[starts[r] : starts[r + 1]] for r in rows])  # curve rows of each resampled run
+        n_runs = p["n_params_kaplan"].to_numpy(float)[run_idx[sel]]
+        return {"N": n_runs, "S": c["step"].to_numpy(float)[sel]}, c["loss"].to_numpy(float)[sel]
     raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
 
 
@@ -304,7 +313,11 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
     bad = [a for a in approaches if a not in ("1", "2", "3")]
     if bad:
         raise AnalysisError(f"unknown approach(es) {bad}; choose from 1, 2, 3")
+    for name in laws:
+        make_law(name)  # unknown names fail before any fitting
     budgets = default_budgets(pts.points["flops"]) if budgets is None else np.asarray(budgets, float)
+    if budgets.ndim != 1 or budgets.size == 0 or not np.all(np.isfinite(budgets) & (budgets > 0)):
+        raise AnalysisError(f"budgets must be positive FLOP values, got {budgets.tolist()}")
     rng = np.random.default_rng(seed)
     counts_BR = resample_counts(len(pts.points), n_bootstrap, rng) if n_bootstrap else np.zeros((0, len(pts.points)), int)
     stages = [f"approach {a}" for a in approaches] + (["laws"] if laws else []) + (["extrapolation"] if extrapolation else [])

@@ -1,0 +1,82 @@
+"""fit_path / plot_path end to end on a synthetic sweep directory and on a published-style table."""
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+
+import analysis
+from analysis.load import AnalysisError, AnalysisWarning
+from analysis.synthetic import isoflop_sweep, write_sweep
+
+FIGURES = ("curves", "isoflop", "optimal", "isoloss", "kaplan", "residuals")
+
+
+@pytest.fixture(scope="module")
+def fitted_sweep(tmp_path_factory):
+    runs, curves = isoflop_sweep(budgets=(1e18, 1e19, 1e20, 1e21), n_sizes=6, noise=0.003, curve_points=10, seed=2)
+    runs.loc[2, "status"] = "failed"
+    sweep = write_sweep(tmp_path_factory.mktemp("sweep"), runs, curves)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fits = analysis.fit_path(sweep, n_bootstrap=12, budgets=[1e20, 1e22], progress=False)
+    return sweep, fits, runs, caught
+
+
+def test_fit_path_writes_everything(fitted_sweep):
+    sweep, fits, runs, caught = fitted_sweep
+    for name in ("fits.json", "compute_optimal.md", "compute_optimal.csv", "report.md"):
+        assert (sweep / name).stat().st_size > 100, name
+    for fig in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (sweep / f"{fig}.{ext}").stat().st_size > 5000, (fig, ext)
+    on_disk = json.loads((sweep / "fits.json").read_text())
+    assert set(on_disk["approaches"]) == {"1", "2", "3"}
+    assert on_disk["n_runs"] == len(runs) - 1 and on_disk["flops_convention"] == "6N+attention"
+    a3 = on_disk["approaches"]["3"]
+    assert a3["n_starts"] == 4500 and a3["converged"] and "start_on_grid_edge" in a3
+    assert set(a3["intervals"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
+    assert len(a3["intervals_at_budgets"]) == 2 and a3["intervals_at_budgets"][0]["N_opt"]["n"] == 12
+    assert set(on_disk["laws"]) == {"kaplan_N", "kaplan_D", "kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C"}
+    assert "mean_abs_relative_error" in on_disk["extrapolation"]
+    # the failed run is named in a warning, in fits.json and in the report
+    failed = runs.loc[2, "run"]
+    assert any(failed in str(w.message) and issubclass(w.category, AnalysisWarning) for w in caught)
+    assert any(failed in w for w in on_disk["warnings"])
+    report = (sweep / "report.md").read_text()
+    assert failed in report and "Approach 3" in report and "![optimal](optimal.png)" in report
+    table = pd.read_csv(sweep / "compute_optimal.csv")
+    assert len(table) == 2 * 3 and set(table["approach"]) == {1, 2, 3}
+    assert (table["N_opt_low"] <= table["N_opt_high"]).all()
+    # C = 6 N D holds for Approach 3's allocation
+    t3 = table[table["approach"] == 3]
+    assert (6 * t3["N_opt"] * t3["D_opt"] / t3["flops"]).round(6).eq(1).all()
+
+
+def test_plot_path_redraws_figures_only(fitted_sweep):
+    sweep, _, _, _ = fitted_sweep
+    before = (sweep / "fits.json").stat().st_mtime_ns
+    (sweep / "optimal.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        paths = analysis.plot_path(sweep)
+    assert (sweep / "optimal.png").is_file() and str(sweep / "optimal.png") in paths
+    assert (sweep / "fits.json").stat().st_mtime_ns == before
+
+
+def test_fit_table_writes_next_to_it(tmp_path):
+    runs, _ = isoflop_sweep(budgets=(1e18, 1e19, 1e20), n_sizes=5, noise=0.003, seed=4)
+    table = runs[["run", "n_params_total", "tokens", "final_eval_loss"]].rename(columns={"final_eval_loss": "loss"})
+    path = tmp_path / "published.csv"
+    table.to_csv(path, index=False)
+    fits = analysis.fit_path(path, approaches=("2", "3"), laws=("kaplan_N+E",), n_bootstrap=0, extrapolation=False,
+                             progress=False)  # fmt: skip
+    out = tmp_path / "published_fits"
+    assert (out / "fits.json").is_file() and (out / "report.md").is_file() and (out / "isoflop.png").is_file()
+    assert fits["flops_convention"] == "6ND" and set(fits["approaches"]) == {"2", "3"}
+    assert abs(fits["approaches"]["2"]["a"] - fits["approaches"]["3"]["derived"]["a"]) < 0.06
+    with pytest.raises(AnalysisError, match="unknown law"):
+        analysis.fit_path(path, approaches=("2",), laws=("kaplan_X",), n_bootstrap=0, progress=False)
+    with pytest.raises(AnalysisError, match="fits.json not found"):
+        analysis.plot_path(path, out_dir=tmp_path / "nowhere")
