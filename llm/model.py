@@ -42,7 +42,12 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.is_moe = is_moe_block(cfg, i)
-        self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.d_ff, rngs=rngs)
+        if self.is_moe:
+            # model.moe.grouped_matmul (proposed config field) picks the dropless kernel.
+            grouped = getattr(cfg.moe, "grouped_matmul", "ragged_dot")
+            self.mlp = MoE(cfg, rngs=rngs, grouped_matmul=grouped)
+        else:
+            self.mlp = MLP(cfg, cfg.d_ff, rngs=rngs)
 
     def __call__(self, x_BTD, sin_TH2, cos_TH2):
         """Returns (x_BTD, stats): stats is the MoE layer's dict of float32 scalars or {}."""

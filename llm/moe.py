@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ModelConfig
+from llm.grouped import GROUPED_MATMULS, block_layout, block_size, blocked_matmul
 from llm.layers import MLP, activation, dtype_of, input_std, normal_param, output_std
 
 
@@ -45,7 +46,10 @@ def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts
 class MoE(nnx.Module):
     """``moe(x_BTD) -> (y_BTD, stats)``; stats are float32 scalars (losses, load, drops, entropy)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, grouped_matmul: str = "ragged_dot"):
+        if grouped_matmul not in GROUPED_MATMULS:
+            raise ValueError(f"grouped_matmul={grouped_matmul!r}; choose one of {', '.join(GROUPED_MATMULS)}")
+        self.grouped_matmul = grouped_matmul
         m = cfg.moe
         d, e, f = cfg.d_model, m.n_experts, m.d_ff_expert or cfg.d_ff
         self.n_experts, self.top_k, self.capacity_factor = e, m.top_k, m.capacity_factor
@@ -73,9 +77,9 @@ class MoE(nnx.Module):
         top_p_SK, expert_SK = jax.lax.top_k(probs_SE, k)
         weight_SK = top_p_SK / jnp.sum(top_p_SK, axis=-1, keepdims=True) if k > 1 else top_p_SK
         if self.capacity_factor is None:
-            y_SD, kept = self._dropless(x_SD, expert_SK, weight_SK), jnp.float32(s * k)
+            y_SD, dropped = self._dropless(x_SD, expert_SK, weight_SK), jnp.int32(0)
         else:
-            y_SD, kept = self._capacity(x_SD, expert_SK, weight_SK)
+            y_SD, dropped = self._capacity(x_SD, expert_SK, weight_SK)
         if self.shared is not None:
             y_SD = y_SD + self.shared(x_SD)
 
@@ -86,12 +90,14 @@ class MoE(nnx.Module):
             "load_min": jnp.min(load_E),
             "load_max": jnp.max(load_E),
             "load_cv": jnp.std(load_E) / jnp.mean(load_E),
-            "drop_fraction": 1.0 - kept / (s * k),
+            "drop_fraction": dropped.astype(jnp.float32) / (s * k),
             "router_entropy": -jnp.mean(jnp.sum(probs_SE * jnp.log(probs_SE + 1e-20), axis=-1)),
         }
         return y_SD.reshape(b, t, d).astype(cdt), stats
 
     def _dropless(self, x_SD, expert_SK, weight_SK):
+        if self.grouped_matmul == "blocked":
+            return self._dropless_blocked(x_SD, expert_SK, weight_SK)
         s, k = expert_SK.shape
         expert_A = expert_SK.reshape(-1)  # A = S * K assignments, token-major
         order_A = jnp.argsort(expert_A, stable=True)
@@ -99,6 +105,15 @@ class MoE(nnx.Module):
         group_sizes_E = jnp.bincount(expert_A, length=self.n_experts).astype(jnp.int32)
         out_AD = self._experts(x_AD, lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E))
         out_SKD = jnp.zeros_like(out_AD).at[order_A].set(out_AD).reshape(s, k, -1)
+        return jnp.einsum("skd,sk->sd", out_SKD.astype(jnp.float32), weight_SK)
+
+    def _dropless_blocked(self, x_SD, expert_SK, weight_SK):
+        s, k = expert_SK.shape
+        block = block_size(s * k, self.n_experts)
+        dest_A, expert_B, n_blocks = block_layout(expert_SK.reshape(-1), self.n_experts, block)
+        x_PD = jnp.zeros((n_blocks * block, x_SD.shape[-1]), x_SD.dtype).at[dest_A].set(jnp.repeat(x_SD, k, axis=0))
+        out_PD = self._experts(x_PD, lambda x, w: blocked_matmul(x, w, expert_B))
+        out_SKD = out_PD[dest_A].reshape(s, k, -1)
         return jnp.einsum("skd,sk->sd", out_SKD.astype(jnp.float32), weight_SK)
 
     def _capacity(self, x_SD, expert_SK, weight_SK):
@@ -116,4 +131,4 @@ class MoE(nnx.Module):
         x_ECD = jnp.einsum("sec,sd->ecd", dispatch_SEC.astype(x_SD.dtype), x_SD)
         out_ECD = self._experts(x_ECD, lambda x, w: jnp.einsum("eca,eab->ecb", x, w))
         y_SD = jnp.einsum("sec,ecd->sd", combine_SEC, out_ECD.astype(jnp.float32))
-        return y_SD, jnp.sum(keep_SK).astype(jnp.float32)
+        return y_SD, jnp.sum(~keep_SK).astype(jnp.int32)

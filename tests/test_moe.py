@@ -12,6 +12,7 @@ from flax import nnx
 from llm.config import ModelConfig, MoEConfig
 from llm.layers import MLP
 from llm.model import Transformer
+from llm.grouped import block_layout, block_size
 from llm.moe import MoE, expert_capacity
 
 B, T, D, E = 2, 6, 16, 4
@@ -27,9 +28,9 @@ def _cfg(mlp="swiglu", top_k=2, n_experts=E, n_shared=1, capacity_factor=None, d
     )
 
 
-def _moe(cfg, seed=0):
+def _moe(cfg, seed=0, grouped_matmul="ragged_dot"):
     """MoE layer with O(1)-scale weights (unit-variance fan-in init) so errors are meaningful."""
-    moe = MoE(cfg, rngs=nnx.Rngs(seed))
+    moe = MoE(cfg, rngs=nnx.Rngs(seed), grouped_matmul=grouped_matmul)
     graphdef, params = nnx.split(moe)
     keys = iter(jax.random.split(jax.random.key(seed + 100), len(jax.tree.leaves(params))))
     params = jax.tree.map(lambda w: jax.random.normal(next(keys), w.shape) / math.sqrt(w.shape[-2]), params)
@@ -89,22 +90,32 @@ def _max_abs_diff(a, b):
     return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("mlp,top_k,capacity_factor", [
-    ("swiglu", 2, None), ("swiglu", 2, 2.0), ("gelu", 1, None), ("gelu", 1, 4.0),
+@pytest.mark.parametrize("mlp,top_k,capacity_factor,grouped", [
+    ("swiglu", 2, None, "ragged_dot"), ("swiglu", 2, 2.0, None), ("swiglu", 2, None, "blocked"),
+    ("gelu", 1, None, "ragged_dot"), ("gelu", 1, 4.0, None), ("gelu", 1, None, "blocked"),
 ])
-def test_dispatch_equals_naive_loop_forward_and_grad(mlp, top_k, capacity_factor):
+def test_dispatch_equals_naive_loop_forward_and_grad(mlp, top_k, capacity_factor, grouped):
     # capacity_factor = n_experts / top_k gives capacity S: nothing can be dropped.
-    moe = _moe(_cfg(mlp=mlp, top_k=top_k, capacity_factor=capacity_factor))
+    moe = _moe(_cfg(mlp=mlp, top_k=top_k, capacity_factor=capacity_factor), grouped_matmul=grouped or "ragged_dot")
     x = _x()
     expert_SK = _routing(moe, x)
     y, g = _value_and_grads(moe, lambda m, x: m(x)[0], x)
     y_ref, g_ref = _value_and_grads(moe, lambda m, x: _naive(m, x, expert_SK), x)
     fwd_err, grad_err = _max_abs_diff(y, y_ref), _max_abs_diff(g, g_ref)
     scale = max(float(jnp.max(jnp.abs(y_ref))), max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_ref)))
-    print(f"{mlp} top{top_k} cf={capacity_factor}: max|fwd diff|={fwd_err:.2e} "
+    print(f"{mlp} top{top_k} cf={capacity_factor} {grouped}: max|fwd diff|={fwd_err:.2e} "
           f"max|grad diff|={grad_err:.2e} (largest |value| {scale:.1f})")
     assert fwd_err < 1e-5 and grad_err < 1e-4
     assert float(jnp.max(jnp.abs(g[0]["router_DE"][...]))) > 1e-3  # routing weights get LM gradient
+
+
+def test_block_layout_by_hand():
+    # Experts of 7 assignments, blocks of 2: expert 0 has 3 rows (2 blocks), 1 none, 2 has 4 (2 blocks).
+    dest_A, expert_B, n_blocks = block_layout(jnp.array([2, 0, 2, 0, 2, 0, 2]), 3, 2)
+    assert n_blocks == -(-(7 + 3 * 1) // 2) == 5
+    assert dest_A.tolist() == [4, 0, 5, 1, 6, 2, 7]
+    assert expert_B.tolist() == [0, 0, 2, 2, 2]  # last block unused (rows 8-9), clipped to expert 2
+    assert block_size(24, 4) == 8 and block_size(65536, 8) == 2048 and block_size(4096, 8) == 128
 
 
 def test_single_expert_dropless_equals_dense_mlp():
@@ -122,8 +133,9 @@ def test_single_expert_dropless_equals_dense_mlp():
 
 def test_capacity_large_drops_nothing_and_matches_dropless():
     x = _x()
-    y_cap, stats = _moe(_cfg(capacity_factor=10.0))(x)
-    y_free, free_stats = _moe(_cfg())(x)
+    forward = nnx.jit(lambda m, x: m(x))
+    y_cap, stats = forward(_moe(_cfg(capacity_factor=10.0)), x)
+    y_free, free_stats = forward(_moe(_cfg()), x)
     assert float(stats["drop_fraction"]) == 0.0 and float(free_stats["drop_fraction"]) == 0.0
     np.testing.assert_allclose(y_cap, y_free, atol=1e-5)
 
@@ -183,35 +195,29 @@ def test_load_balance_loss_uniform_and_collapsed(top_k):
     assert float(uniform["router_z_loss"]) == pytest.approx(math.log(E) ** 2, rel=1e-5)
 
 
-def test_aux_loss_gradient_reaches_router_in_model():
-    cfg = ModelConfig(
-        d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=32, seq_len=8, compute_dtype="float32",
-        moe=MoEConfig(n_experts=4, top_k=1, every=2, d_ff_expert=16, load_balance_coef=0.01, router_z_coef=0.001),
-    )
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32, jnp.int32)
+def test_aux_loss_gradient_reaches_router():
+    moe = _moe(_cfg(top_k=2, capacity_factor=1.0))
+    graphdef, params = nnx.split(moe)
 
-    def aux_loss(p):
-        _, aux = nnx.merge(graphdef, p)(tokens)
-        return aux["aux_loss"], aux
+    def aux(p, which):
+        return nnx.merge(graphdef, p)(_x())[1][which]
 
-    grads, aux = jax.jit(jax.grad(aux_loss, has_aux=True))(params)
-    metrics = aux["metrics"]
-    # Only block 1 is MoE (every=2); aux_loss is the coefficient-weighted sum.
-    assert sorted(k for k in metrics if k.startswith("moe/layer")) == [
-        f"moe/layer1/{n}" for n in ("drop_fraction", "load_cv", "load_max", "load_min", "router_entropy")
-    ]
-    expected = 0.01 * metrics["moe/load_balance_loss"] + 0.001 * metrics["moe/router_z_loss"]
-    assert float(aux["aux_loss"]) == pytest.approx(float(expected), rel=1e-6)
-    assert float(jnp.max(jnp.abs(grads["blocks"][1]["mlp"]["router_DE"][...]))) > 0
+    for which in ("load_balance_loss", "router_z_loss"):
+        grads = jax.jit(jax.grad(aux), static_argnums=1)(params, which)
+        assert float(jnp.max(jnp.abs(grads["router_DE"][...]))) > 1e-4, which
+        # Aux losses depend on the router only: expert weights get no gradient from them.
+        assert float(jnp.max(jnp.abs(grads["w_in_EDF"][...]))) == 0.0
 
 
 def test_short_moe_training_run_balances_and_learns():
-    """Tiny Switch-style model on a deterministic next-token rule: loss falls, all experts used."""
+    """Tiny Switch-style model on a deterministic next-token rule.
+
+    Loss falls, no expert is left without load, aux losses are finite, aux_loss is the
+    coefficient-weighted sum, and the router gets gradient. Block 1 is MoE (every=2).
+    """
     cfg = ModelConfig(
         d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=32, seq_len=16, compute_dtype="float32",
-        moe=MoEConfig(n_experts=4, top_k=1, every=1, d_ff_expert=32, load_balance_coef=0.05),
+        moe=MoEConfig(n_experts=4, top_k=1, every=2, d_ff_expert=32, load_balance_coef=0.05, router_z_coef=0.001),
     )
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     opt = optax.adam(3e-3)
@@ -225,18 +231,27 @@ def test_short_moe_training_run_balances_and_learns():
         def loss(p):
             logits, aux = nnx.merge(graphdef, p)(seq_BT[:, :-1])
             nll = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), seq_BT[:, 1:, None], -1))
-            return nll + aux["aux_loss"], (nll, aux["metrics"])
+            return nll + aux["aux_loss"], (nll, aux)
 
-        (_, (nll, metrics)), g = jax.value_and_grad(loss, has_aux=True)(p := params)
-        updates, opt_state = opt.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, nll, metrics
+        (_, (nll, aux)), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, new_opt_state = opt.update(g, opt_state, params)
+        router_grad = jnp.max(jnp.abs(g["blocks"][1]["mlp"]["router_DE"][...]))
+        return optax.apply_updates(params, updates), new_opt_state, nll, aux, router_grad
 
     losses = []
     for i in range(80):
-        params, opt_state, nll, metrics = step(params, opt_state, jax.random.key(i))
+        params, opt_state, nll, aux, router_grad = step(params, opt_state, jax.random.key(i))
         losses.append(float(nll))
+        assert float(router_grad) > 0
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    metrics = aux["metrics"]
+    assert sorted(k for k in metrics if k.startswith("moe/layer")) == [
+        f"moe/layer1/{n}" for n in ("drop_fraction", "load_cv", "load_max", "load_min", "router_entropy")
+    ]
     for name, value in metrics.items():
         assert np.isfinite(float(value)), name
-    for i in range(cfg.n_layers):
-        assert float(metrics[f"moe/layer{i}/load_min"]) > 0.0
+    expected = 0.05 * metrics["moe/load_balance_loss"] + 0.001 * metrics["moe/router_z_loss"]
+    assert float(aux["aux_loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(metrics["moe/layer1/load_min"]) > 0.0
+    print(f"final loss {losses[-1]:.3f} (first {losses[0]:.3f}); layer1 load min/max "
+          f"{float(metrics['moe/layer1/load_min']):.3f}/{float(metrics['moe/layer1/load_max']):.3f}")
