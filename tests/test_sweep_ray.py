@@ -1,0 +1,32 @@
+"""The Ray backend on a local Ray instance: every run a Ray task, failures recorded, no reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sweeps.plan import expand
+from sweeps.runner import run_sweep
+from test_sweep_runner import FAKE, _calls, _spec
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.mark.slow
+def test_ray_backend_runs_each_run_once(tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        spec = _spec([1, 2, 13])
+        report = run_sweep(spec, tmp_path, backend="ray", train_fn=FAKE, progress=False, cache_dir=None,
+                           poll_s=0.05, log=lambda m: None)
+        names = [r.name for r in expand(spec)]
+        assert [r["status"] for r in report.rows] == ["done", "done", "failed"]
+        assert "fake failure for seed 13" in dict(report.failed)[names[2]]
+        assert json.loads((tmp_path / names[0] / "result.json").read_text())["status"] == "done"
+        again = run_sweep(spec, tmp_path, backend="ray", train_fn=FAKE, progress=False, cache_dir=None,
+                          poll_s=0.05, log=lambda m: None)
+        assert again.trained == []
+        assert all(len(_calls(tmp_path, n)) == 1 for n in names)
+    finally:
+        ray.shutdown()
