@@ -105,9 +105,12 @@ class LocalBackend:
             groups = [gpus[i * gpus_per_run : (i + 1) * gpus_per_run] for i in range(len(gpus) // gpus_per_run)]
             if not groups:
                 raise ConfigError(f"--gpus-per-run={gpus_per_run} but only {len(gpus)} GPU(s) are visible")
+            shares = -(-self.parallel // len(groups))  # runs sharing one device group
             for i in range(self.parallel):
-                group = groups[i % len(groups)]
-                self.slots.append({"env": {"CUDA_VISIBLE_DEVICES": ",".join(group)}, "cores": None})
+                env = {"CUDA_VISIBLE_DEVICES": ",".join(groups[i % len(groups)])}
+                if shares > 1:  # JAX preallocates 75% of a GPU: split it between the runs instead
+                    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / shares:.2f}"
+                self.slots.append({"env": env, "cores": None})
         else:
             cores = usable_cores()
             per_run = max(1, len(cores) // self.parallel)
@@ -165,7 +168,10 @@ def _ray_run_command(cmd: list[str], env: dict[str, str], log_path: str) -> int:
     """Body of the Ray task: run the worker command on whichever node Ray chose."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.run(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT).returncode
+        # preexec: the run dies with the Ray worker when the task is cancelled.
+        return subprocess.run(
+            cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: _child_setup(None)
+        ).returncode
 
 
 class RayBackend:

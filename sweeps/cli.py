@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a run or sweep failed, 2 bad input (config, spec, path)
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -74,10 +75,76 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
         help="fit Kaplan and Chinchilla laws to a sweep directory or a table",
+        description=(
+            "Fit Chinchilla Approaches 1-3 (with bootstrap intervals) and Kaplan laws to a sweep directory,\n"
+            "a run directory, or a CSV/Parquet table with the same column names (a table of\n"
+            "n_params_total, tokens, loss is enough). Writes fits.json, compute_optimal.md/.csv,\n"
+            "figures (PNG + PDF) and report.md into the sweep directory (or <table>_fits/ next to a table).\n"
+            "Unfinished or failed runs are excluded with a warning naming them.\n\n"
+            "Examples:\n"
+            "  chinchax fit sweeps_out/isoflop\n"
+            "  chinchax fit points.csv --approach 3 --flops 6ND --budgets 1e21 1e23 --bootstrap 200"
+        ),
         formatter_class=_Formatter,
     )
     p.add_argument("path", type=Path, help="sweep directory, run directory, or CSV/Parquet table")
-    p.set_defaults(func=_cmd_fit)
+    p.add_argument("--out-dir", type=Path, default=None, help="where to write (default: the sweep dir, or <table>_fits/)")
+    p.add_argument("--approach", action="append", choices=["1", "2", "3", "all"], default=None,
+                   help="Chinchilla approach(es) to fit; repeat for several (default: all)")  # fmt: skip
+    p.add_argument("--law", action="append", default=None,
+                   help="law(s) to fit: kaplan_N, kaplan_D, kaplan_C, kaplan_ND, kaplan_NS, saturating_C, chinchilla; "
+                        "append +E for an irreducible term (e.g. kaplan_N+E); 'none' for no laws "
+                        "(default: all kaplan_* and saturating_C)")  # fmt: skip
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="compute budgets (FLOPs) for the compute-optimal table (default: decades up to 1000x the largest run)")  # fmt: skip
+    p.add_argument("--isoflop-budgets", type=float, nargs="+", default=None,
+                   help="Approach-2 IsoFLOP budgets (default: runs grouped by final FLOPs)")  # fmt: skip
+    p.add_argument("--flops", default="auto", choices=["auto", "6N", "6N+attention", "6ND"],
+                   help="FLOP convention of C; 6ND derives C = 6 N D; a table's bare 'flops' column needs 6N or 6N+attention")  # fmt: skip
+    p.add_argument("--n-params", default="n_params_total",
+                   help="column used as N (n_params_total, n_params_nonembed, n_params_active, ...)")  # fmt: skip
+    p.add_argument("--loss", default="final_eval_loss", choices=["final_eval_loss", "best_eval_loss"], help="loss per run")
+    p.add_argument("--exclude", nargs="+", default=(), metavar="RUN", help="run names to leave out")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of runs (0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--holdout-flops", type=float, default=None,
+                   help="extrapolation check: fit runs below this compute, test on the rest (default: hold out the largest budget)")  # fmt: skip
+    p.add_argument("--no-extrapolation", action="store_true", help="skip the extrapolation check")
+    p.add_argument("--no-figures", action="store_true", help="write fits and report only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run_fit(args: argparse.Namespace) -> int:
+        import analysis
+
+        approaches = args.approach or ["all"]
+        approaches = ("1", "2", "3") if "all" in approaches else tuple(dict.fromkeys(approaches))
+        laws = args.law
+        if laws is None:
+            laws = analysis.DEFAULT_LAWS
+        elif "none" in laws:
+            laws = ()
+        import warnings
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", analysis.AnalysisWarning)
+                fits = analysis.fit_path(
+                    args.path, args.out_dir, approaches=approaches, laws=laws, budgets=args.budgets,
+                    isoflop_budgets=args.isoflop_budgets, flops=args.flops, n_params=args.n_params, loss=args.loss,
+                    exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
+                    extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
+                )  # fmt: skip
+        except analysis.AnalysisError as err:
+            return _fail(str(err))
+        for w in caught:
+            print(f"chinchax: warning: {w.message}", file=sys.stderr)
+        print(f"wrote {fits['outputs']['report']}")
+        for a, res in fits["approaches"].items():
+            exp = res["a"] if a != "3" else res["derived"]["a"]
+            print(f"  approach {a}: N_opt ~ C^{exp:.3f}")
+        return 0
+
+    p.set_defaults(func=run_fit)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -88,9 +155,30 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="redraw the figures of a fitted sweep or table", formatter_class=_Formatter)
+    p = sub.add_parser(
+        "plot",
+        help="redraw the figures of a fitted sweep or table",
+        description="Redraw the figures from the fits.json that `chinchax fit` wrote (no refitting).",
+        formatter_class=_Formatter,
+    )
     p.add_argument("path", type=Path, help="sweep directory, run directory, or CSV/Parquet table")
-    p.set_defaults(func=_cmd_plot)
+    p.add_argument("--out-dir", type=Path, default=None, help="where fits.json is and figures go (default: as for fit)")
+
+    def run_plot(args: argparse.Namespace) -> int:
+        import analysis
+
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", analysis.AnalysisWarning)  # fit already reported them
+                paths = analysis.plot_path(args.path, args.out_dir)
+        except analysis.AnalysisError as err:
+            return _fail(str(err))
+        print(f"wrote {len(paths)} figure files to {Path(paths[0]).parent if paths else args.out_dir}")
+        return 0
+
+    p.set_defaults(func=run_plot)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -156,11 +244,17 @@ def _cmd_sweep_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _cmd_sweep_run(args: argparse.Namespace) -> int:
     from sweeps.runner import run_sweep
     from sweeps.spec import read_spec
 
     spec, raw = read_spec(args.spec, args.overrides)
+    # `kill` (SIGTERM) stops the sweep like Ctrl-C: running runs are stopped cleanly and resume later.
+    signal.signal(signal.SIGTERM, _interrupt)
     report = run_sweep(
         spec,
         args.out,

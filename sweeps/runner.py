@@ -230,6 +230,11 @@ def run_sweep(
             queue.append(run.name)
         elif state == "running":
             waiting.append(run.name)
+    strangers = sorted(
+        p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name not in status and (p / "result.json").exists()
+    )
+    if strangers:
+        say(f"note: {len(strangers)} run(s) in {sweep_dir} are not in this spec (e.g. {strangers[0]}); fits include them")
     skipped = sum(s == "done" for s in status.values())
     say(
         f"sweep {spec.name}: {len(runs)} runs in {sweep_dir} — {skipped} done already, {len(queue)} to run"

@@ -215,3 +215,20 @@ def test_invalid_spec_launches_nothing(tmp_path):
     with pytest.raises(ConfigError, match="duplicate runs"):
         _run(_spec([1, 2, 1]), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_local_backend_pins_runs_to_devices(monkeypatch):
+    from sweeps.backends import LocalBackend, default_parallel
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert default_parallel() == 4 and default_parallel(gpus_per_run=2) == 2
+    pairs = LocalBackend(gpus_per_run=2)
+    assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in pairs.slots] == ["0,1", "2,3"]
+    shared = LocalBackend(parallel=8)  # two runs per GPU: each gets its share of the memory
+    assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in shared.slots[:5]] == ["0", "1", "2", "3", "0"]
+    assert shared.slots[0]["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.45"
+    with pytest.raises(ConfigError, match="only 4 GPU"):
+        LocalBackend(gpus_per_run=8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cpu = LocalBackend(parallel=1)
+    assert cpu.slots[0]["env"]["OMP_NUM_THREADS"] == str(len(cpu.slots[0]["cores"]))
