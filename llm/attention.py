@@ -1,10 +1,14 @@
 """Causal multi-head attention with rotary positions and optional grouped-query heads.
 
-The kernel is ``jax.nn.dot_product_attention`` with ``implementation=None``: XLA on
-CPU/TPU, cuDNN flash attention on GPU when the inputs are bfloat16/float16.
+The kernel is ``jax.nn.dot_product_attention``. Its ``implementation=None`` means XLA
+(jax 0.10: "automatic selection ... defaults to XLA for now"), so on an NVIDIA GPU with
+bfloat16/float16 inputs and a head dim the flash kernel supports we ask for "cudnn"
+explicitly, and fall back to XLA if cuDNN rejects the call while tracing.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,29 @@ from flax import nnx
 
 from llm.config import ModelConfig
 from llm.layers import apply_rope, dtype_of, input_std, normal_param, output_std
+
+
+@functools.cache
+def _on_nvidia_gpu() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+
+
+def attention_implementation(dtype, head_dim: int) -> str:
+    """Pick "cudnn" (flash) where it applies: NVIDIA GPU, 16-bit inputs, head dim % 8 == 0 and <= 128."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 and _on_nvidia_gpu() else "xla"
+
+
+def causal_attention(q_BTNH, k_BTKH, v_BTKH):
+    """Causal softmax attention, cuDNN flash on NVIDIA GPUs and XLA elsewhere."""
+    impl = attention_implementation(q_BTNH.dtype, q_BTNH.shape[-1])
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # cuDNN too old or shape unsupported: XLA computes the same thing
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="xla")
 
 
 class Attention(nnx.Module):
@@ -40,5 +67,5 @@ class Attention(nnx.Module):
         v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.w_v_DKH[...].astype(cdt))
         q_BTNH = apply_rope(q_BTNH, sin_TH2, cos_TH2)
         k_BTKH = apply_rope(k_BTKH, sin_TH2, cos_TH2)
-        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=None)
+        o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH)
         return jnp.einsum("btnh,nhd->btd", o_BTNH, self.w_o_NHD[...].astype(cdt))

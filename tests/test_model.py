@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llm.attention import attention_implementation
 from llm.config import ModelConfig, MoEConfig
 from llm.model import Transformer
 
@@ -98,6 +99,13 @@ def test_init_is_depth_scaled():
     # q reads the residual: min(0.02, 1/sqrt(32)) = 0.02; o writes it: 0.02 / sqrt(2 * 8).
     assert abs(std_q - 0.02) < 0.002
     assert abs(std_o - 0.02 / 4) < 0.0008
+
+
+def test_attention_kernel_choice():
+    nvidia = any(d.platform == "gpu" and "nvidia" in d.device_kind.lower() for d in jax.devices()[:1])
+    assert attention_implementation(jnp.bfloat16, 64) == ("cudnn" if nvidia else "xla")
+    assert attention_implementation(jnp.float32, 64) == "xla"  # cuDNN flash needs 16-bit inputs
+    assert attention_implementation(jnp.bfloat16, 12) == "xla"  # head dim not a multiple of 8
 
 
 def test_rejects_bad_token_shape():
