@@ -13,9 +13,10 @@ from analysis.approaches import PowerLaw, fit_power_law
 from analysis.laws import LAWS, FittedLaw, Law, fit_law
 from analysis.load import AnalysisError, AnalysisWarning, load_runs
 from analysis.parametric import compute_optimal, fit_parametric
+from analysis.pipeline import DEFAULT_LAWS
 from analysis.prepare import Points, prepare
 
 __all__ = [
-    "AnalysisError", "AnalysisWarning", "FittedLaw", "LAWS", "Law", "Points", "PowerLaw", "compute_optimal",
+    "AnalysisError", "AnalysisWarning", "DEFAULT_LAWS", "FittedLaw", "LAWS", "Law", "Points", "PowerLaw", "compute_optimal",
     "default_out_dir", "fit_law", "fit_parametric", "fit_path", "fit_power_law", "load_runs", "plot_path", "prepare",
 ]  # fmt: skip
