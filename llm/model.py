@@ -74,7 +74,8 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.embed_VD = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg.param_dtype)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        # nnx.List (flax >= 0.12) registers the blocks as children; older flax takes a plain list.
+        self.blocks = getattr(nnx, "List", list)([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype)
