@@ -209,17 +209,18 @@ def fit_parabola(budget, n_params, tokens, loss, weights=None) -> Parabola | Non
     )  # fmt: skip
 
 
-def fit_isoflop(points: pd.DataFrame, weights_R=None) -> list[Parabola | None]:
-    """A parabola per budget in ``points`` (weights_R: multiplicity of each run, for the bootstrap)."""
+def isoflop_groups(points: pd.DataFrame) -> list[tuple]:
+    """Per budget (sorted): (budget, run_index, n_params, tokens, loss) arrays from isoflop_points."""
+    return [
+        (g["budget"].iloc[0], g["run_index"].to_numpy(), g["n_params"].to_numpy(float),
+         g["tokens"].to_numpy(float), g["loss"].to_numpy(float))
+        for _, g in points.groupby("budget_index", sort=True)
+    ]  # fmt: skip
+
+
+def fit_isoflop(groups: list[tuple], weights_R=None) -> list[Parabola | None]:
+    """A parabola per budget of ``isoflop_groups(...)`` (weights_R: multiplicity of each run, for the bootstrap)."""
     out = []
-    groups = points.attrs.get("_groups")
-    if groups is None:  # cache per-budget arrays: the bootstrap calls this 1,000 times
-        groups = [
-            (g["budget"].iloc[0], g["run_index"].to_numpy(), g["n_params"].to_numpy(float),
-             g["tokens"].to_numpy(float), g["loss"].to_numpy(float))
-            for _, g in points.groupby("budget_index", sort=True)
-        ]  # fmt: skip
-        points.attrs["_groups"] = groups
     for budget, run_idx, n, d, loss in groups:
         if weights_R is None:
             out.append(fit_parabola(budget, n, d, loss))

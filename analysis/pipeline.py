@@ -136,7 +136,8 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
     if pts.has_curves:
         loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
     iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=tol)
-    parabolas = ap.fit_isoflop(iso_pts)
+    groups = ap.isoflop_groups(iso_pts)
+    parabolas = ap.fit_isoflop(groups)
     used = []
     for c, par in zip(iso, parabolas):
         if par is None:
@@ -152,7 +153,7 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
     d_law = ap.fit_power_law(cs, [q.tokens_opt for q in used])
     boot_n, boot_d = [], []
     for counts in counts_BR:
-        pb = [q for q in ap.fit_isoflop(iso_pts, weights_R=counts.astype(float)) if q is not None and q.inside]
+        pb = [q for q in ap.fit_isoflop(groups, weights_R=counts.astype(float)) if q is not None and q.inside]
         boot_n.append(_safe_power([q.budget for q in pb], [q.n_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
         boot_d.append(_safe_power([q.budget for q in pb], [q.tokens_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
     out = _laws_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
