@@ -262,6 +262,9 @@ def fit_law(law: Law, loss, theta0=None, **inputs) -> FittedLaw:
         bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
         if bad.size:
             raise AnalysisError(f"{law.name}: {name} must be finite and > 0; bad at positions {bad[:10].tolist()}")
+    for name, arr in x.items():
+        if np.unique(arr).size < 2:
+            raise AnalysisError(f"{law.name} needs at least 2 distinct values of {name}, got {np.unique(arr).size}")
     if loss.size <= n_par:
         raise AnalysisError(f"{law.name} has {n_par} parameters and needs more than {n_par} points, got {loss.size}")
     log_loss = np.log(loss)

@@ -20,6 +20,7 @@ import itertools
 import numpy as np
 
 from analysis.lbfgs import minimize_batch
+from analysis.load import AnalysisError
 
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
@@ -142,13 +143,13 @@ class ParametricFit:
 def _check_points(n_params, tokens, loss):
     arrays = [np.asarray(v, dtype=np.float64).ravel() for v in (n_params, tokens, loss)]
     if len({a.size for a in arrays}) != 1:
-        raise ValueError(f"N, D and loss differ in length: {[a.size for a in arrays]}")
+        raise AnalysisError(f"N, D and loss differ in length: {[a.size for a in arrays]}")
     for name, arr in zip(("N", "D", "loss"), arrays):
         bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
         if bad.size:
-            raise ValueError(f"{name} must be finite and > 0; bad at positions {bad[:10].tolist()}")
+            raise AnalysisError(f"{name} must be finite and > 0; bad at positions {bad[:10].tolist()}")
     if arrays[0].size < 6:
-        raise ValueError(f"Approach 3 fits 5 parameters and needs at least 6 points, got {arrays[0].size}")
+        raise AnalysisError(f"Approach 3 fits 5 parameters and needs at least 6 points, got {arrays[0].size}")
     return arrays
 
 

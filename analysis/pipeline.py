@@ -246,7 +246,14 @@ def make_law(name: str):
 
 def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False):
     """Fit each named law; bootstrap warm-started from the full-data optimum."""
-    frontier_fn, _ = frontier_function(pts)
+    try:
+        frontier_fn, _ = frontier_function(pts)
+    except AnalysisError as err:
+        frontier_error = err
+
+        def frontier_fn(include=None):
+            raise AnalysisError(f"no compute frontier: {frontier_error}")
+
     out = {}
     for name in laws:
         law = make_law(name)
@@ -353,4 +360,6 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
             out["extrapolation"] = extrapolation_check(pts, holdout_flops)
             bar.update()
     out["warnings"] = messages
+    if not out["approaches"] and not out["laws"]:
+        raise AnalysisError("nothing could be fitted to these runs: " + "; ".join(messages))
     return out

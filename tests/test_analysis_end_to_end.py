@@ -78,5 +78,8 @@ def test_fit_table_writes_next_to_it(tmp_path):
     assert abs(fits["approaches"]["2"]["a"] - fits["approaches"]["3"]["derived"]["a"]) < 0.06
     with pytest.raises(AnalysisError, match="unknown law"):
         analysis.fit_path(path, approaches=("2",), laws=("kaplan_X",), n_bootstrap=0, progress=False)
+    with pytest.raises(AnalysisError, match="at least 6 points"), pytest.warns(AnalysisWarning, match="excluded by request"):
+        analysis.fit_path(path, approaches=("3",), laws=(), exclude=table["run"].iloc[3:].tolist(), n_bootstrap=0,
+                          progress=False)  # fmt: skip
     with pytest.raises(AnalysisError, match="fits.json not found"):
         analysis.plot_path(path, out_dir=tmp_path / "nowhere")

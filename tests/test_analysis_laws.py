@@ -85,5 +85,7 @@ def test_bad_input_errors():
         law.fit([3.0, 2.9], N=[1e6, 1e7])
     with pytest.raises(AnalysisError, match=r"N must be finite and > 0; bad at positions \[1\]"):
         law.fit([3.0, 2.9, 2.8], N=[1e6, -1.0, 1e8])
+    with pytest.raises(AnalysisError, match="at least 2 distinct values of S"):
+        laws.kaplan_ns().fit([3.0] * 6, N=[1e6, 1e7] * 3, S=[100.0] * 6)
     with pytest.raises(AnalysisError, match=r"loss must be finite"):
         law.fit([3.0, np.nan, 2.8], N=[1e6, 1e7, 1e8])
