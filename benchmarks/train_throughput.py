@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.moe:
         d, n = (512, 8) if args.full else (128, 4)
         # Equal active size: 8 experts of d_ff/2 with top-2 activate as many MLP weights as one dense d_ff.
-        for label, capacity in (("dropless", None), ("capacity 1.25", 1.25)):
-            moe = MoEConfig(n_experts=8, top_k=2, d_ff_expert=2 * d, capacity_factor=capacity)
+        variants = (("dropless ragged_dot", None, "ragged_dot"), ("dropless blocked", None, "blocked"),
+                    ("capacity 1.25", 1.25, "ragged_dot"))
+        for label, capacity, kernel in variants:
+            moe = MoEConfig(n_experts=8, top_k=2, d_ff_expert=2 * d, capacity_factor=capacity, grouped_matmul=kernel)
             rows.append((f"moe8x2 d{d}/L{n} {label}", model_config(d, n, seq, vocab, moe)))
         rows.append((f"dense d{d}/L{n} (moe ref)", model_config(d, n, seq, vocab)))
 

@@ -37,7 +37,8 @@ class MoEConfig:
     every: int = 1  # MoE in every n-th block (blocks every-1, 2*every-1, ...); dense elsewhere
     d_ff_expert: int | None = None  # None: model.d_ff
     n_shared: int = 0  # always-on shared experts
-    capacity_factor: float | None = None  # None: dropless (ragged_dot); number: capacity dispatch
+    capacity_factor: float | None = None  # None: dropless; number: capacity dispatch (drops overflow)
+    grouped_matmul: str = "ragged_dot"  # dropless kernel: ragged_dot (portable) | blocked (MegaBlocks-style, ~4x faster on CPU)
     load_balance_coef: float = 0.01
     router_z_coef: float = 0.001
 
@@ -330,6 +331,7 @@ def validate(cfg: Config) -> Config:
         _positive("model.moe.capacity_factor", e.capacity_factor)
         _positive("model.moe.load_balance_coef", e.load_balance_coef, allow_zero=True)
         _positive("model.moe.router_z_coef", e.router_z_coef, allow_zero=True)
+        _one_of("model.moe.grouped_matmul", e.grouped_matmul, ("ragged_dot", "blocked"))
         if not 1 <= e.top_k <= e.n_experts:
             raise ConfigError(f"model.moe.top_k={e.top_k} must be between 1 and n_experts={e.n_experts}")
         if e.every > m.n_layers:

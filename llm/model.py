@@ -43,9 +43,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.is_moe = is_moe_block(cfg, i)
         if self.is_moe:
-            # model.moe.grouped_matmul (proposed config field) picks the dropless kernel.
-            grouped = getattr(cfg.moe, "grouped_matmul", "ragged_dot")
-            self.mlp = MoE(cfg, rngs=rngs, grouped_matmul=grouped)
+            self.mlp = MoE(cfg, rngs=rngs, grouped_matmul=cfg.moe.grouped_matmul)
         else:
             self.mlp = MLP(cfg, cfg.d_ff, rngs=rngs)
 
