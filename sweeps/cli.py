@@ -232,6 +232,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
     q = actions.add_parser("status", help="rebuild and print the sweep index", formatter_class=_Formatter)
     common(q)
+    q.add_argument("--fit", action="store_true", help="also run the spec's fit step on the finished runs")
     q.set_defaults(func=_cmd_sweep_status)
 
 
@@ -288,10 +289,16 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    fit_status = "not requested"
+    if args.fit:
+        from sweeps.runner import run_fit
+
+        fit_status = run_fit(spec, sweep_dir, rows)
+        print(f"fit: {fit_status}")
     fitted = (sweep_dir / "fits.json").exists()
     print(f"{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + f"; fits.json {'present' if fitted else 'absent'} in {sweep_dir}")
-    return 0
+    return 1 if fit_status.startswith("failed") else 0
 
 
 # --------------------------------------------------------------------------- main
