@@ -200,7 +200,7 @@ def fit_parametric(n_params, tokens, loss, *, starts=None, delta=HUBER_DELTA, ma
 
 def bootstrap_parametric(
     n_params, tokens, loss, fit: ParametricFit, *, n_bootstrap=1000, seed=0, n_grid_starts=3, delta=HUBER_DELTA,
-    progress=False,
+    counts_Bn=None,
 ) -> dict[str, np.ndarray]:
     """Refit Approach 3 on ``n_bootstrap`` resamples of the points (one point = one run).
 
@@ -208,12 +208,18 @@ def bootstrap_parametric(
     batch. Warm starts (documented shortcut, not the full grid per refit): the full-data
     optimum, up to 2 other distinct local optima of the full fit, and ``n_grid_starts``
     random points of the paper grid; the best end point per resample is kept.
+    counts_Bn: the resamples as [n_bootstrap, n] multiplicities (default: drawn from ``seed``), so
+    callers can share one set of resamples between approaches.
     Returns {"E","A","B","alpha","beta","objective","converged"} arrays of length n_bootstrap.
     """
     log_n, log_d, log_l = (np.log(a)[None, :] for a in _check_points(n_params, tokens, loss))
     n = log_n.shape[1]
     rng = np.random.default_rng(seed)
-    counts_Bn = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)
+    if counts_Bn is None:
+        counts_Bn = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap)
+    counts_Bn = np.asarray(counts_Bn, dtype=np.float64)
+    if counts_Bn.shape != (n_bootstrap, n):
+        raise AnalysisError(f"counts_Bn has shape {counts_Bn.shape}, expected {(n_bootstrap, n)}")
     grid = init_grid()
     starts_KP = np.concatenate(
         [fit.local_optima[:3], grid[rng.choice(grid.shape[0], n_grid_starts, replace=False)]], axis=0

@@ -23,14 +23,14 @@ def _warn(messages: list, msg: str) -> None:
     warnings.warn(msg, AnalysisWarning, stacklevel=3)
 
 
-def _power_samples(flops_list_fits, budgets):
+def _power_samples(pairs, budgets):
     """Bootstrap (k, exponent) pairs -> N or D at each budget, [n_boot, n_budgets]."""
-    k = np.array([f[0] for f in flops_list_fits])
-    e = np.array([f[1] for f in flops_list_fits])
+    k = np.array([f[0] for f in pairs])
+    e = np.array([f[1] for f in pairs])
     return k[:, None] * np.asarray(budgets, float)[None, :] ** e[:, None]
 
 
-def _laws_summary(n_law, d_law, budgets, boot_nk, boot_dk, percentiles):
+def _allocation_summary(n_law, d_law, budgets, boot_nk, boot_dk, percentiles):
     out = {
         "a": n_law.exponent, "b": d_law.exponent, "k_N": n_law.k, "k_D": d_law.k,
         "N_opt": n_law(budgets).tolist(), "D_opt": d_law(budgets).tolist(),
@@ -96,7 +96,7 @@ def approach1(pts: Points, budgets, counts_BR, messages, *, percentiles=DEFAULT_
         e = env_of(counts > 0)
         boot_n.append(_safe_power(e["flops"], e["n_params"]) if len(e) else (np.nan, np.nan))
         boot_d.append(_safe_power(e["flops"], e["tokens"]) if len(e) else (np.nan, np.nan))
-    out = _laws_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
+    out = _allocation_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
     out["method"] = method
     out["envelope"] = {
         "flops": env["flops"].tolist(), "n_params": env["n_params"].tolist(), "tokens": env["tokens"].tolist(),
@@ -156,7 +156,7 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
         pb = [q for q in ap.fit_isoflop(groups, weights_R=counts.astype(float)) if q is not None and q.inside]
         boot_n.append(_safe_power([q.budget for q in pb], [q.n_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
         boot_d.append(_safe_power([q.budget for q in pb], [q.tokens_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
-    out = _laws_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
+    out = _allocation_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
     out["method"] = f"parabola in ln N per IsoFLOP budget ({source}; final points within {tol:.3f} decades, else interpolated curves)"
     out["budgets"] = [
         {"flops": float(c), "fit": None if q is None else {k: getattr(q, k) for k in q.__dataclass_fields__}}
@@ -169,7 +169,7 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
     return out
 
 
-def approach3(pts: Points, budgets, n_bootstrap, seed, percentiles=DEFAULT_PERCENTILES):
+def approach3(pts: Points, budgets, counts_BR, seed, percentiles=DEFAULT_PERCENTILES):
     """Chinchilla Approach 3 (parametric Huber fit, full grid), bootstrap with warm starts."""
     p = pts.points
     n, d, l = p["n_params"].to_numpy(float), p["tokens"].to_numpy(float), p["loss"].to_numpy(float)
@@ -179,8 +179,9 @@ def approach3(pts: Points, budgets, n_bootstrap, seed, percentiles=DEFAULT_PERCE
     out.update(N_opt=n_opt.tolist(), D_opt=d_opt.tolist(), tokens_per_param=(d_opt / n_opt).tolist(),
                loss_opt=parametric.predict(fit.params, n_opt, d_opt).tolist())  # fmt: skip
     out["residuals_log"] = (np.log(parametric.predict(fit.params, n, d)) - np.log(l)).tolist()
+    n_bootstrap = len(counts_BR)
     if n_bootstrap:
-        b = parametric.bootstrap_parametric(n, d, l, fit, n_bootstrap=n_bootstrap, seed=seed)
+        b = parametric.bootstrap_parametric(n, d, l, fit, n_bootstrap=n_bootstrap, seed=seed, counts_Bn=counts_BR)
         der = parametric.derived(b)
         samples = {k: b[k] for k in parametric.PARAM_NAMES} | {"a": der["a"], "b": der["b"], "G": der["G"]}
         out["intervals"] = intervals(samples, percentiles)
@@ -345,7 +346,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
                     out["approaches"]["2"] = approach2(pts, budgets, counts_BR, messages, isoflop_budgets=isoflop_budgets,
                                                        percentiles=percentiles)  # fmt: skip
                 else:
-                    out["approaches"]["3"], _ = approach3(pts, budgets, n_bootstrap, seed + 1, percentiles)
+                    out["approaches"]["3"], _ = approach3(pts, budgets, counts_BR, seed + 1, percentiles)
             except AnalysisError as err:
                 if len(approaches) == 1:
                     raise
