@@ -210,3 +210,32 @@ def test_seq_len_longer_than_the_data_is_an_error(tmp_path, cache_dir):
     with pytest.raises(ConfigError):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llm.model import Transformer
+    from llm.optim import make_optimizer
+    from llm.training import make_train_step
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (8, 33), dtype=np.int32)
+    params_after, grad_norms = [], []
+    for accum in (1, 4):
+        cfg = load_config(None, TINY + ["model.compute_dtype=float32", "train.steps=3", f"train.grad_accum={accum}"])
+        graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+        optimizer = make_optimizer(cfg.optim, 3)
+        state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        step = make_train_step(graphdef, optimizer, cfg)
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        params_after.append(jax.tree.leaves(state["params"]))
+        grad_norms.append(float(metrics["grad_norm"]))  # Adam is scale-free; the norm is not
+    assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)
+    for a, b in zip(*params_after):
+        # Adam turns tiny float differences in near-zero gradients into up to ~lr-sized steps;
+        # 3e-5 is a hundredth of one step at lr=3e-3, so a wrong accumulation still fails.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=3e-5)
