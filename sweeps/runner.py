@@ -176,9 +176,14 @@ def run_fit(spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]]) -> str
     if not any(r["status"] == "done" for r in rows):
         return "skipped: no finished runs"
     try:
+        import inspect
+
         import analysis
 
-        analysis.fit_path(sweep_dir, **dict(spec.fit.options or {}))
+        options = dict(spec.fit.options or {})
+        if "progress" in inspect.signature(analysis.fit_path).parameters:
+            options.setdefault("progress", sys.stderr.isatty())  # no progress bars in log files
+        analysis.fit_path(sweep_dir, **options)
     except Exception as err:  # a fit problem must not hide the finished runs
         return f"failed: {type(err).__name__}: {err}"
     return "done"
