@@ -20,7 +20,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from llm.config import Config, ConfigError, ModelConfig, config_from_dict, from_dict, to_dict, total_steps, tokens_per_step
+from llm.config import Config, ConfigError, ModelConfig, config_from_dict, from_dict, total_steps, tokens_per_step
 from sweeps.recipe import batch_size_for_params, count_params, lr_for_params, model_for_params
 from sweeps.spec import SIZE_KEY, SweepSpec, grid_axes, isoflop_sizes
 
@@ -63,11 +63,32 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", str(value)).strip("_")
 
 
+def config_changes(cfg: Any, default: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys where ``cfg`` differs from ``default`` (a section switched on counts as "on")."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        base = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            if base is None:  # an optional section (model.moe) switched on: diff it from its own defaults
+                out[key] = "on"
+                base = type(value)()
+            out.update(config_changes(value, base, f"{key}."))
+        elif value != base:
+            out[key] = value
+    return out
+
+
 def config_hash(cfg: Config) -> str:
-    """Short hash of a resolved config; cosmetic keys (progress bar) do not count."""
-    data = to_dict(cfg)
-    data["train"].pop("progress", None)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    """Short hash of what a resolved config changes from the defaults.
+
+    Hashing the changes rather than the whole config keeps run names (and so finished
+    runs) valid when a later version adds a config field with a default. The progress
+    bar is cosmetic and does not count.
+    """
+    changes = config_changes(cfg, Config())
+    changes.pop("train.progress", None)
+    blob = json.dumps(changes, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

@@ -225,3 +225,19 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert "grid.optim.lr is empty" in capsys.readouterr().err
     assert main(["sweep", "run", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_run_names_survive_new_default_fields():
+    import dataclasses
+
+    from llm.config import Config, MoEConfig
+    from sweeps.plan import config_changes, config_hash
+
+    cfg = Config()
+    moe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=MoEConfig(n_experts=4)))
+    assert config_changes(moe, Config()) == {"model.moe": "on", "model.moe.n_experts": 4}
+    assert config_hash(cfg) != config_hash(moe)
+    quiet = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    assert config_hash(quiet) == config_hash(cfg)  # cosmetic
+    # Only changed values are hashed, so a field added later with its default keeps the name.
+    assert config_changes(cfg, Config()) == {}
