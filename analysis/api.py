@@ -21,8 +21,8 @@ def default_out_dir(path) -> Path:
 
 def fit_path(
     path, out_dir=None, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
-    flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000, seed=0,
-    percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
+    interpolate="auto", flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000,
+    seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
 ) -> dict:  # fmt: skip
     """Fit Chinchilla approaches and Kaplan laws to a sweep/run directory or a CSV/Parquet table.
 
@@ -33,8 +33,9 @@ def fit_path(
     approaches: subset of "1", "2", "3". laws: names from analysis.laws.LAWS, "+E" adds an
     irreducible term (e.g. "kaplan_N+E"). budgets: compute budgets (FLOPs) for the table,
     default decades from the smallest run to 1,000x the largest. isoflop_budgets: Approach-2
-    budgets, default: runs grouped by final FLOPs. flops: "auto", "6N", "6N+attention" or "6ND"
-    (derive C = 6 N D). n_params: the N column. loss: final_eval_loss or best_eval_loss.
+    budgets, default: runs grouped by final FLOPs. interpolate: Approach-2 use of training curves
+    interpolated onto a budget: "auto" (only where < 3 runs end at it), "always", "never".
+    flops: "auto", "6N", "6N+attention" or "6ND" (derive C = 6 N D). n_params: the N column. loss: final_eval_loss or best_eval_loss.
     exclude: run names to leave out. n_bootstrap: resamples of runs (0: none).
     holdout_flops: compute threshold of the extrapolation check (default: largest budget held out).
     """
@@ -42,8 +43,8 @@ def fit_path(
     pts = prepare(runs, curves, flops=flops, n_params=n_params, loss=loss, exclude=exclude)
     fits = fit_points(
         pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
-        n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles, holdout_flops=holdout_flops,
-        extrapolation=extrapolation, progress=progress,
+        interpolate=interpolate, n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles,
+        holdout_flops=holdout_flops, extrapolation=extrapolation, progress=progress,
     )  # fmt: skip
     fits["source"] = str(path)
     fits["exclude"] = sorted(map(str, exclude))

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter  # noqa: E402
 
 from analysis import parametric, references  # noqa: E402
 from analysis.prepare import Points  # noqa: E402
@@ -24,7 +25,23 @@ APPROACH_STYLE = {"1": ("tab:blue", "Approach 1 (envelope)"), "2": ("tab:orange"
 CMAP = "viridis"
 
 
+def _tidy_log_axes(fig) -> None:
+    """Readable log ticks: no crowded minor labels; 1-2-5 majors on short ranges; plain numbers for loss."""
+    for ax in fig.axes:
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            if axis.get_scale() != "log" or not (lo > 0 and hi > lo):
+                continue
+            axis.set_minor_formatter(NullFormatter())
+            if np.log10(hi / lo) < 2:
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+            if "loss" in axis.get_label_text():
+                axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def _save(fig, out_dir: Path, name: str) -> list[str]:
+    _tidy_log_axes(fig)
     paths = []
     for ext in ("png", "pdf"):
         path = out_dir / f"{name}.{ext}"

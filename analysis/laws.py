@@ -281,7 +281,10 @@ def fit_law(law: Law, loss, theta0=None, **inputs) -> FittedLaw:
         if best is None or res.cost < best.cost:
             best = res
     r = resid(best.x)
+    with np.errstate(over="ignore"):  # a degenerate fit (exponent -> 0) sends a scale constant to inf
+        params = law.to_params(best.x)
+    finite = all(np.isfinite(v) for v in params.values())
     return FittedLaw(
-        law=law, params=law.to_params(best.x), theta=best.x, rmse_log=float(np.sqrt(np.mean(r**2))),
-        n_points=int(loss.size), converged=bool(best.status > 0),
+        law=law, params=params, theta=best.x, rmse_log=float(np.sqrt(np.mean(r**2))),
+        n_points=int(loss.size), converged=bool(best.status > 0) and finite,
     )  # fmt: skip

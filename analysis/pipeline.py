@@ -115,7 +115,8 @@ def _curve_budgets(pts: Points, min_runs=3, n=6):
     return np.geomspace(lo, hi, n) if hi > lo * 1.5 else np.array([])
 
 
-def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None, percentiles=DEFAULT_PERCENTILES):
+def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None, interpolate="auto",
+              percentiles=DEFAULT_PERCENTILES):  # fmt: skip
     """Chinchilla Approach 2 (IsoFLOP parabolas in ln N), with bootstrap over runs."""
     p = pts.points
     n_r, d_r, c_r, l_r = (p[c].to_numpy(float) for c in ("n_params", "tokens", "flops", "loss"))
@@ -135,7 +136,7 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
     loss_RK = tok_RK = None
     if pts.has_curves:
         loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
-    iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=tol)
+    iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=tol, interpolate=interpolate)
     groups = ap.isoflop_groups(iso_pts)
     parabolas = ap.fit_isoflop(groups)
     used = []
@@ -157,7 +158,11 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
         boot_n.append(_safe_power([q.budget for q in pb], [q.n_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
         boot_d.append(_safe_power([q.budget for q in pb], [q.tokens_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
     out = _allocation_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
-    out["method"] = f"parabola in ln N per IsoFLOP budget ({source}; final points within {tol:.3f} decades, else interpolated curves)"
+    n_interp = int((iso_pts["kind"] == "interpolated").sum())
+    out["method"] = (
+        f"parabola in ln N per IsoFLOP budget ({source}; final points within {tol:.3f} decades; "
+        f"curves interpolated onto budgets: {interpolate}, {n_interp} such points)"
+    )
     out["budgets"] = [
         {"flops": float(c), "fit": None if q is None else {k: getattr(q, k) for k in q.__dataclass_fields__}}
         for c, q in zip(iso, parabolas)
@@ -314,8 +319,8 @@ def default_budgets(flops) -> np.ndarray:
 
 
 def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
-               n_bootstrap=1000, seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True,
-               progress=True) -> dict:  # fmt: skip
+               interpolate="auto", n_bootstrap=1000, seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None,
+               extrapolation=True, progress=True) -> dict:  # fmt: skip
     """All requested fits on prepared points; returns the fits dict written to fits.json."""
     messages = list(pts.messages)
     approaches = tuple(str(a) for a in approaches)
@@ -324,6 +329,8 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
         raise AnalysisError(f"unknown approach(es) {bad}; choose from 1, 2, 3")
     for name in laws:
         make_law(name)  # unknown names fail before any fitting
+    if interpolate not in ("auto", "always", "never"):
+        raise AnalysisError(f"interpolate={interpolate!r}; expected auto, always or never")
     budgets = default_budgets(pts.points["flops"]) if budgets is None else np.asarray(budgets, float)
     if budgets.ndim != 1 or budgets.size == 0 or not np.all(np.isfinite(budgets) & (budgets > 0)):
         raise AnalysisError(f"budgets must be positive FLOP values, got {budgets.tolist()}")
@@ -344,7 +351,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
                     out["approaches"]["1"] = approach1(pts, budgets, counts_BR, messages, percentiles=percentiles)
                 elif a == "2":
                     out["approaches"]["2"] = approach2(pts, budgets, counts_BR, messages, isoflop_budgets=isoflop_budgets,
-                                                       percentiles=percentiles)  # fmt: skip
+                                                       interpolate=interpolate, percentiles=percentiles)  # fmt: skip
                 else:
                     out["approaches"]["3"], _ = approach3(pts, budgets, counts_BR, seed + 1, percentiles)
             except AnalysisError as err:

@@ -73,6 +73,18 @@ def test_isoflop_points_use_final_or_interpolated_losses():
     assert len(pts) == 4
 
 
+def test_isoflop_interpolation_only_fills_budgets_without_three_final_sizes():
+    loss_RK = np.array([[np.nan, np.nan], [np.nan, np.nan], [np.nan, np.nan], [2.5, 2.4]])  # run 3 spans both budgets
+    tokens_RK = np.full_like(loss_RK, 1e9)
+    finals, n = np.array([1e18, 1e18, 1e18, 1e20]), np.array([1e7, 2e7, 4e7, 8e7])
+    args = (np.array([1e18, 1e19]), finals, np.full(4, 3.0), n, np.full(4, 1e9), loss_RK, tokens_RK)
+    auto = ap.isoflop_points(*args)
+    assert auto[auto["budget"] == 1e18]["kind"].tolist() == ["final"] * 3  # 3 sizes end there: no mid-run points
+    assert auto[auto["budget"] == 1e19]["kind"].tolist() == ["interpolated"]
+    assert (ap.isoflop_points(*args, interpolate="always")["kind"] == "interpolated").sum() == 2
+    assert (ap.isoflop_points(*args, interpolate="never")["kind"] == "interpolated").sum() == 0
+
+
 def test_parabola_minimum_and_rejections():
     n = np.geomspace(1e7, 1e9, 7)
     x = np.log(n)
