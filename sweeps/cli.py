@@ -105,6 +105,8 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
                    help="compute budgets (FLOPs) for the compute-optimal table (default: decades up to 1000x the largest run)")  # fmt: skip
     p.add_argument("--isoflop-budgets", type=float, nargs="+", default=None,
                    help="Approach-2 IsoFLOP budgets (default: runs grouped by final FLOPs)")  # fmt: skip
+    p.add_argument("--interpolate", default="auto", choices=["auto", "always", "never"],
+                   help="Approach 2: interpolate training curves onto a budget (auto: only where < 3 runs end at it)")  # fmt: skip
     p.add_argument("--flops", default="auto", choices=["auto", "6N", "6N+attention", "6ND"],
                    help="FLOP convention of C; 6ND derives C = 6 N D; a table's bare 'flops' column needs 6N or 6N+attention")  # fmt: skip
     p.add_argument("--n-params", default="n_params_total",
@@ -136,7 +138,8 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
                 warnings.simplefilter("always", analysis.AnalysisWarning)
                 fits = analysis.fit_path(
                     args.path, args.out_dir, approaches=approaches, laws=laws, budgets=args.budgets,
-                    isoflop_budgets=args.isoflop_budgets, flops=args.flops, n_params=args.n_params, loss=args.loss,
+                    isoflop_budgets=args.isoflop_budgets, interpolate=args.interpolate, flops=args.flops,
+                    n_params=args.n_params, loss=args.loss,
                     exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
                     extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
                 )  # fmt: skip
