@@ -232,3 +232,27 @@ def test_local_backend_pins_runs_to_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpu = LocalBackend(parallel=1)
     assert cpu.slots[0]["env"]["OMP_NUM_THREADS"] == str(len(cpu.slots[0]["cores"]))
+
+
+def test_lock_staleness_rules(tmp_path):
+    path = tmp_path / "run.lock"
+    # Another host's lock is respected while its heartbeat is fresh, taken over once it is silent.
+    path.write_text(json.dumps({"host": "some-other-node", "pid": 1, "time": 0}))
+    with pytest.raises(LockHeld, match="some-other-node"):
+        RunLock(path).acquire()
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    lock = RunLock(path, heartbeat_s=0.05).acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    # The heartbeat keeps the file fresh while held.
+    os.utime(path, (old, old))
+    time.sleep(0.3)
+    assert time.time() - path.stat().st_mtime < 5
+    lock.release()
+    assert not path.exists()
+    # A half-written lock is left alone until it is old.
+    path.write_text("")
+    with pytest.raises(LockHeld):
+        RunLock(path).acquire()
+    os.utime(path, (old, old))
+    RunLock(path).acquire().release()
