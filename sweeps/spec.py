@@ -11,7 +11,20 @@ mapping) and axes whose cartesian product gives the runs:
 
 ``fit`` asks for ``chinchax fit`` on the sweep directory once the runs are done.
 Unknown keys anywhere are errors with a did-you-mean (``llm.config.from_dict``).
-Expansion into runs lives in ``sweeps.plan``.
+Expansion into runs lives in ``sweeps.plan``. Example::
+
+    name: my_sweep                 # default: the file name; sweep dir sweeps_out/<name>
+    convention: 6N+attention       # FLOP convention of budgets and of the plan's C
+    base:                          # any train config, as in `chinchax train`
+      model: {seq_len: 256}
+      train: {batch_size: 32}
+    recipe: {aspect_ratio: 32, head_dim: 32, round_to: 32}   # sweeps.recipe.Recipe
+    isoflop:
+      budgets: [1e15, 1e16]
+      n_params: [1e6, 3e6, 1e7]    # or {1e15: [...], 1e16: [...]}, or n_sizes: 5
+    grid: {train.seed: [0, 1]}     # crossed with everything else
+    dataset_tokens: [1e7]          # unique-token pool per run (repeated data)
+    fit: {options: {flops: 6N+attention}}   # keyword arguments of analysis.fit_path
 """
 
 from __future__ import annotations

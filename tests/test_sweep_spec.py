@@ -241,3 +241,15 @@ def test_run_names_survive_new_default_fields():
     assert config_hash(quiet) == config_hash(cfg)  # cosmetic
     # Only changed values are hashed, so a field added later with its default keeps the name.
     assert config_changes(cfg, Config()) == {}
+
+
+def test_docstring_example_spec_is_valid():
+    import yaml
+
+    from sweeps import spec as spec_module
+
+    doc = spec_module.__doc__
+    data = spec_module._numbers(yaml.safe_load(doc[doc.index("Example::") + len("Example::") :]))
+    runs = expand(spec_from_dict(data))
+    assert len(runs) == 2 * 3 * 2  # budgets x sizes x seeds
+    assert all(r.config.data.dataset_tokens == 10**7 for r in runs)
