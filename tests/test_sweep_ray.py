@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from sweeps.plan import expand
 from sweeps.runner import run_sweep
-from test_sweep_runner import FAKE, _calls, _spec
+
+# The fake train function and helpers of the runner tests (loaded by path: any pytest import mode).
+_loader = importlib.util.spec_from_file_location("sweep_runner_tests", Path(__file__).with_name("test_sweep_runner.py"))
+_runner_tests = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(_runner_tests)
+FAKE, _calls, _spec = _runner_tests.FAKE, _runner_tests._calls, _runner_tests._spec
 
 ray = pytest.importorskip("ray")
 
