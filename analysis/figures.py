@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis import parametric, references  # noqa: E402
 from analysis.prepare import Points  # noqa: E402
@@ -23,6 +23,14 @@ from analysis.prepare import Points  # noqa: E402
 APPROACH_STYLE = {"1": ("tab:blue", "Approach 1 (envelope)"), "2": ("tab:orange", "Approach 2 (IsoFLOP)"),
                   "3": ("tab:green", "Approach 3 (parametric)")}  # fmt: skip
 CMAP = "viridis"
+
+
+def _sci_label(v, _pos=None) -> str:
+    if not v > 0:
+        return ""
+    e = int(np.floor(np.log10(v) + 1e-9))
+    m = v / 10.0**e
+    return f"$10^{{{e}}}$" if abs(m - 1) < 1e-6 else f"${m:g}\\times10^{{{e}}}$"
 
 
 def _tidy_log_axes(fig) -> None:
@@ -34,7 +42,7 @@ def _tidy_log_axes(fig) -> None:
             axis.set_minor_formatter(NullFormatter())
             if np.log10(hi / lo) < 2:
                 axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-                axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+                axis.set_major_formatter(FuncFormatter(_sci_label))
             if "loss" in axis.get_label_text():
                 axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
