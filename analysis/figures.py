@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis import parametric, references  # noqa: E402
+from analysis.laws import law_from_name  # noqa: E402
 from analysis.prepare import Points  # noqa: E402
 
 APPROACH_STYLE = {"1": ("tab:blue", "Approach 1 (envelope)"), "2": ("tab:orange", "Approach 2 (IsoFLOP)"),
@@ -223,8 +224,6 @@ def plot_isoloss(pts: Points, fits: dict, out_dir: Path) -> list[str]:
 
 def plot_kaplan(pts: Points, fits: dict, out_dir: Path) -> list[str]:
     """Kaplan panels: L(N), L(D) and L(C) data with fitted laws (whichever were fitted)."""
-    from analysis.pipeline import make_law
-
     panels = [(n, f) for n, f in fits.get("laws", {}).items() if len(f["data"]) == 2]  # single-input laws
     if not panels:
         return []
@@ -238,7 +237,7 @@ def plot_kaplan(pts: Points, fits: dict, out_dir: Path) -> list[str]:
         else:
             ax.scatter(x, y, color="k", s=14, zorder=3)
         xs = np.geomspace(x.min() / 2, x.max() * 2, 200)
-        ax.plot(xs, make_law(name)(f["params"], **{var: xs}), color="tab:red",
+        ax.plot(xs, law_from_name(name)(f["params"], **{var: xs}), color="tab:red",
                 label=f"{f['formula']}\n" + ", ".join(f"{k}={v:.3g}" for k, v in f["params"].items()))  # fmt: skip
         xlabel = {"N": f"N ({fits.get('kaplan_n_column', 'n_params')})", "D": "D, training tokens",
                   "C": _conv_label(fits)}[var]  # fmt: skip

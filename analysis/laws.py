@@ -74,10 +74,6 @@ class FittedLaw:
         }  # fmt: skip
 
 
-def _softplus_e(theta_e):
-    return np.exp(theta_e)
-
-
 def _power(logc, alpha, x):
     # (X_c / X)^alpha computed in logs for range safety
     return np.exp(alpha * (logc - np.log(x)))
@@ -88,7 +84,7 @@ def _single(var: str, sym: str, exp_name: str, irreducible: bool, eq: str) -> La
 
     def raw(th, x):
         out = _power(th[0], th[1], x[var])
-        return out + _softplus_e(th[2]) if irreducible else out
+        return out + np.exp(th[2]) if irreducible else out
 
     def to_params(th):
         p = {names[0]: float(np.exp(th[0])), exp_name: float(th[1])}
@@ -249,6 +245,16 @@ LAWS = {
     "kaplan_N": kaplan_n, "kaplan_D": kaplan_d, "kaplan_C": kaplan_c, "kaplan_ND": kaplan_nd,
     "kaplan_NS": kaplan_ns, "saturating_C": saturating_c, "chinchilla": chinchilla,
 }  # fmt: skip
+
+
+def law_from_name(name: str) -> Law:
+    """A law from its name in LAWS, with "+E" appended for an irreducible term (e.g. "kaplan_N+E")."""
+    base, _, extra = name.partition("+")
+    if base not in LAWS or extra not in ("", "E") or (extra and base in ("saturating_C", "chinchilla")):
+        raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
+    if base in ("saturating_C", "chinchilla"):  # E is part of these laws already
+        return LAWS[base]()
+    return LAWS[base](irreducible=extra == "E")
 
 
 def fit_law(law: Law, loss, theta0=None, **inputs) -> FittedLaw:

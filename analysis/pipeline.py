@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from analysis import approaches as ap
 from analysis import parametric
 from analysis.bootstrap import DEFAULT_PERCENTILES, intervals, resample_counts
-from analysis.laws import LAWS, fit_law
+from analysis.laws import LAWS, fit_law, law_from_name
 from analysis.load import AnalysisError, AnalysisWarning
 from analysis.prepare import Points
 
@@ -241,15 +241,6 @@ def _law_data(name: str, pts: Points, rows=None, frontier_fn=None):
     raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
 
 
-def make_law(name: str):
-    base, _, extra = name.partition("+")
-    if base not in LAWS or extra not in ("", "E"):
-        raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
-    if base in ("saturating_C", "chinchilla"):
-        return LAWS[base]()
-    return LAWS[base](irreducible=extra == "E")
-
-
 def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False):
     """Fit each named law; bootstrap warm-started from the full-data optimum."""
     try:
@@ -262,7 +253,7 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
 
     out = {}
     for name in laws:
-        law = make_law(name)
+        law = law_from_name(name)
         try:
             x, y = _law_data(name, pts, frontier_fn=frontier_fn)
             fitted = fit_law(law, y, **x)
@@ -328,7 +319,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
     if bad:
         raise AnalysisError(f"unknown approach(es) {bad}; choose from 1, 2, 3")
     for name in laws:
-        make_law(name)  # unknown names fail before any fitting
+        law_from_name(name)  # unknown names fail before any fitting
     if interpolate not in ("auto", "always", "never"):
         raise AnalysisError(f"interpolate={interpolate!r}; expected auto, always or never")
     budgets = default_budgets(pts.points["flops"]) if budgets is None else np.asarray(budgets, float)

@@ -142,7 +142,7 @@ def main(argv=None):
           f"converged {ours.converged} ({ours.n_converged}/4500 starts), start on grid edge {ours.start_on_grid_edge}")  # fmt: skip
     print(f"scipy optimum (sum):      {fmt_params(parametric.params_from_theta(sp.x))}  objective {sp.fun:.8g}"
           f"  ({k} starts)")  # fmt: skip
-    print(f"expected:                 {fmt_params(expected)}")
+    print(f"{'expected:' if args.epoch_csv else 'true:':<26}{fmt_params(expected)}")
     print(f"scipy optimum (MEAN):     {fmt_params(parametric.params_from_theta(sp_mean.x))}  "
           f"summed objective there {fun(sp_mean.x):.8g}  <- averaging makes L-BFGS-B stop early")  # fmt: skip
     print(f"chinchax optimum (MEAN):  {fmt_params(parametric.params_from_theta(best_mean))}  (scale-invariant stopping)")
