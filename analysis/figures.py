@@ -159,13 +159,18 @@ def plot_optimal(pts: Points, fits: dict, out_dir: Path) -> list[str]:
                 bs = res.get("bootstrap")
                 band = bs and _band(bs["k_N" if what == "N" else "k_D"], bs["a" if what == "N" else "b"], grid, pct)
             else:
-                n_opt, d_opt = parametric.compute_optimal(res["params"], grid)
-                e = res["derived"]["a" if what == "N" else "b"]
-                ax.plot(grid, n_opt if what == "N" else d_opt, color=col, label=f"{label}: {what}_opt ~ C^{e:.3f} (C = 6ND)")
+                fpt = res.get("flops_per_token") or {"k": 6.0, "c": 1.0}
+                kc = (fpt["k"], fpt["c"])
+                n_opt, d_opt = parametric.compute_optimal(res["params"], grid, kc)
+                p3 = res["params"]
+                e = p3["beta"] / (p3["alpha"] + kc[1] * p3["beta"])
+                e = e if what == "N" else 1 - kc[1] * e
+                ax.plot(grid, n_opt if what == "N" else d_opt, color=col,
+                        label=f"{label}: {what}_opt ~ C^{e:.3f} (C = {kc[0]:.3g} N^{kc[1]:.3f} D)")  # fmt: skip
                 bs, band = res.get("bootstrap"), None
                 if bs:
                     prm = {k: np.asarray(bs[k])[:, None] for k in parametric.PARAM_NAMES}
-                    nb, db = parametric.compute_optimal(prm, grid[None, :])
+                    nb, db = parametric.compute_optimal(prm, grid[None, :], kc)
                     band = np.nanpercentile(nb if what == "N" else db, pct, axis=0)
             if band is not None and band is not False:
                 ax.fill_between(grid, band[0], band[1], color=col, alpha=0.18, lw=0)

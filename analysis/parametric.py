@@ -77,18 +77,38 @@ def theta_from_params(params) -> np.ndarray:
     return np.array([np.log(params["A"]), np.log(params["B"]), np.log(params["E"]), params["alpha"], params["beta"]])
 
 
-def compute_optimal(params, flops) -> tuple[np.ndarray, np.ndarray]:
-    """N_opt(C) = G (C/6)^a, D_opt(C) = G^-1 (C/6)^b (Hoffmann et al. 2022, eq. 4), C = 6 N D.
+def compute_optimal(params, flops, flops_per_token=(6.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """N_opt(C), D_opt(C) minimising L(N, D) subject to C = k N^c D (training FLOPs per token k N^c).
 
-    G = (alpha A / (beta B))^(1 / (alpha + beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).
+    With the default (k, c) = (6, 1), C = 6 N D and this is Hoffmann et al. 2022, eq. 4:
+    N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b, G = (alpha A / (beta B))^(1/(alpha+beta)),
+    a = beta/(alpha+beta), b = alpha/(alpha+beta). In general, setting dL/dN = 0 along the budget
+    gives N^(alpha + c beta) = alpha A C^beta / (c beta B k^beta), and D_opt = C / (k N_opt^c).
     Arrays broadcast, so params may hold bootstrap samples as arrays.
     """
     alpha, beta = np.asarray(params["alpha"]), np.asarray(params["beta"])
     big_a, big_b = np.asarray(params["A"]), np.asarray(params["B"])
-    s = alpha + beta
-    g = (alpha * big_a / (beta * big_b)) ** (1.0 / s)
-    c6 = np.asarray(flops, dtype=np.float64) / 6.0
-    return g * c6 ** (beta / s), c6 ** (alpha / s) / g
+    k, c = (float(v) for v in flops_per_token)
+    flops = np.asarray(flops, dtype=np.float64)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        log_n = (np.log(alpha * big_a / (c * beta * big_b)) - beta * np.log(k) + beta * np.log(flops)) / (alpha + c * beta)
+        n_opt = np.exp(log_n)
+        return n_opt, flops / (k * n_opt**c)
+
+
+def fit_flops_per_token(n_params, tokens, flops) -> dict:
+    """Power law C / D = k N^c through the runs (how a FLOP convention scales with the chosen N).
+
+    Exact (k=6, c=1) for C = 6 N D; for "6N+attention" or N with embeddings it is a fit, and
+    max_rel_error says how well it holds on the runs.
+    """
+    n = np.asarray(n_params, float)
+    per_token = np.asarray(flops, float) / np.asarray(tokens, float)
+    if np.unique(n).size < 2:
+        return {"k": float(np.median(per_token / n)), "c": 1.0, "max_rel_error": float(np.ptp(per_token / n) / np.median(per_token / n))}
+    c, log_k = np.polyfit(np.log(n), np.log(per_token), 1)
+    pred = np.exp(log_k) * n**c
+    return {"k": float(np.exp(log_k)), "c": float(c), "max_rel_error": float(np.max(np.abs(pred / per_token - 1)))}
 
 
 def derived(params) -> dict[str, float]:

@@ -180,7 +180,12 @@ def approach3(pts: Points, budgets, counts_BR, seed, percentiles=DEFAULT_PERCENT
     n, d, l = p["n_params"].to_numpy(float), p["tokens"].to_numpy(float), p["loss"].to_numpy(float)
     fit = parametric.fit_parametric(n, d, l)
     out = fit.to_dict()
-    n_opt, d_opt = parametric.compute_optimal(fit.params, budgets)
+    # Budgets are in the data's FLOP convention; allocate under it, C = k N^c D fitted on the runs
+    fpt = parametric.fit_flops_per_token(n, d, p["flops"].to_numpy(float))
+    kc = (fpt["k"], fpt["c"])
+    out["flops_per_token"] = fpt | {"note": f"C / D = k N^c fitted on the runs ({pts.flops_convention}); "
+                                            "N_opt, D_opt at budgets use it; a, b, G are for C = 6 N D"}  # fmt: skip
+    n_opt, d_opt = parametric.compute_optimal(fit.params, budgets, kc)
     out.update(N_opt=n_opt.tolist(), D_opt=d_opt.tolist(), tokens_per_param=(d_opt / n_opt).tolist(),
                loss_opt=parametric.predict(fit.params, n_opt, d_opt).tolist())  # fmt: skip
     out["residuals_log"] = (np.log(parametric.predict(fit.params, n, d)) - np.log(l)).tolist()
@@ -190,7 +195,8 @@ def approach3(pts: Points, budgets, counts_BR, seed, percentiles=DEFAULT_PERCENT
         der = parametric.derived(b)
         samples = {k: b[k] for k in parametric.PARAM_NAMES} | {"a": der["a"], "b": der["b"], "G": der["G"]}
         out["intervals"] = intervals(samples, percentiles)
-        nb, db = parametric.compute_optimal({k: b[k][:, None] for k in parametric.PARAM_NAMES}, np.asarray(budgets)[None, :])
+        prm = {q: b[q][:, None] for q in parametric.PARAM_NAMES}
+        nb, db = parametric.compute_optimal(prm, np.asarray(budgets)[None, :], kc)
         out["intervals_at_budgets"] = [
             intervals({"N_opt": nb[:, j], "D_opt": db[:, j], "tokens_per_param": db[:, j] / nb[:, j]}, percentiles)
             for j in range(len(budgets))

@@ -124,7 +124,14 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
         ]
         if "bootstrap_starts" in a3:
             out.append(f"- bootstrap refits: {a3['bootstrap_starts']}; converged fraction {a3['bootstrap_converged_fraction']:.3f}")
-        out.append("- N_opt(C) = G (C/6)^a uses C = 6 N D, as in Hoffmann et al. 2022")
+        fpt = a3.get("flops_per_token")
+        out.append("- a, b and G above are for C = 6 N D, as in Hoffmann et al. 2022")
+        if fpt:
+            out.append(
+                f"- the table allocates budgets in the data's convention: C / D = {fpt['k']:.4g} N^{fpt['c']:.4f} fitted "
+                f"on the runs (max relative error {fpt['max_rel_error']:.2%}), so N_opt ~ C^"
+                f"{a3['params']['beta'] / (a3['params']['alpha'] + fpt['c'] * a3['params']['beta']):.3f} there"
+            )
         out.append("")
     if fits.get("laws"):
         out += ["## Other laws (least squares on log loss)", "", "| law | formula | parameters | RMS log residual | points |",

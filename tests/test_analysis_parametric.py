@@ -104,6 +104,14 @@ def test_compute_optimal_matches_hand_formula():
     # N_opt minimises L(N, C / 6N) along the budget
     ns = np.geomspace(n_opt / 3, n_opt * 3, 2001)
     assert ns[np.argmin(parametric.predict(p, ns, c / (6 * ns)))] == pytest.approx(n_opt, rel=2e-3)
+    # another FLOP convention, C = k N^c D: the closed form still minimises L along the budget
+    n_k, d_k = parametric.compute_optimal(p, c, (8.0, 1.1))
+    assert 8.0 * n_k**1.1 * d_k == pytest.approx(c)
+    ns = np.geomspace(n_k / 3, n_k * 3, 2001)
+    assert ns[np.argmin(parametric.predict(p, ns, c / (8.0 * ns**1.1)))] == pytest.approx(n_k, rel=2e-3)
+    fpt = parametric.fit_flops_per_token([1e8, 1e9, 1e10], [1e9, 1e9, 2e9], [8 * 1e8**1.1 * 1e9, 8 * 1e9**1.1 * 1e9,
+                                         8 * 1e10**1.1 * 2e9])  # fmt: skip
+    assert fpt["k"] == pytest.approx(8.0) and fpt["c"] == pytest.approx(1.1) and fpt["max_rel_error"] < 1e-9
 
 
 def test_bootstrap_intervals_cover_truth(synthetic_points, full_fit):
