@@ -184,12 +184,12 @@ def plot_optimal(pts: Points, fits: dict, out_dir: Path) -> list[str]:
                        marker="D", color="tab:orange", edgecolor="k", zorder=4, s=28)  # fmt: skip
         ref_n = references.chinchilla_table3_n_opt(grid)
         ax.plot(grid, ref_n if what == "N" else references.chinchilla_table3_d_opt(grid), "k--", lw=1,
-                label="Chinchilla Table 3 (Hoffmann et al. 2022)")  # fmt: skip
+                label="Chinchilla Table 3 (Hoffmann et al. 2022; C = 6ND)")  # fmt: skip
         cn, cd = parametric.compute_optimal(references.CHINCHILLA_APPROACH3, grid)
-        ax.plot(grid, cn if what == "N" else cd, "k:", lw=1, label="Chinchilla Approach 3 published (a = 0.45)")
+        ax.plot(grid, cn if what == "N" else cd, "k:", lw=1, label="Chinchilla Approach 3 published (a = 0.45; C = 6ND)")
         kn = references.kaplan_n_opt(grid)
         ax.plot(grid, kn if what == "N" else grid / (6 * kn), color="tab:red", ls="-.", lw=1,
-                label="Kaplan et al. 2020 (N ~ C^0.73)")  # fmt: skip
+                label="Kaplan et al. 2020 (N ~ C^0.73; C = 6ND)")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel=_conv_label(fits),
                ylabel=f"{what}_opt ({'parameters' if what == 'N' else 'tokens'})",
                title=f"Compute-optimal {'model size N' if what == 'N' else 'training tokens D'}")  # fmt: skip
