@@ -113,12 +113,22 @@ def test_minimal_table_and_flop_conventions(tmp_path):
     assert pts.flops_convention == "6ND"
     np.testing.assert_allclose(pts.points["flops"], 6 * table["n_params_total"] * table["tokens"])
     # a bare "flops" column has no convention: the user must name it
-    table.assign(flops=[1.3e18, 1.3e18, 1.3e18]).to_parquet(tmp_path / "t.parquet")
-    runs, curves = load_runs(tmp_path / "t.parquet")
+    table.assign(flops=[1.3e18, 1.3e18, 1.3e18]).to_csv(tmp_path / "t.csv", index=False)
+    runs, curves = load_runs(tmp_path / "t.csv")
     with pytest.raises(AnalysisError, match="no convention"):
         select_flops(runs, curves, "auto")
     conv, c, _ = select_flops(runs, curves, "6N+attention")
     assert conv == "6N+attention" and c.tolist() == [1.3e18] * 3
+
+
+def test_parquet_table_loads_like_csv(tmp_path):
+    pytest.importorskip("pyarrow")  # optional extra: pip install chinchax[parquet]
+    table = pd.DataFrame({"run": ["x", "y"], "n_params_total": [1e8, 2e8], "tokens": [2e9, 1e9], "loss": [3.1, 3.0],
+                          "flops_6N": [1.2e18, 1.2e18]})  # fmt: skip
+    table.to_parquet(tmp_path / "t.parquet")
+    runs, _ = load_runs(tmp_path / "t.parquet")
+    assert runs["run"].tolist() == ["x", "y"] and runs["final_eval_loss"].tolist() == [3.1, 3.0]
+    assert select_flops(runs, _, "auto")[0] == "6N"
 
 
 def test_table_errors(tmp_path):
