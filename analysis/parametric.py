@@ -153,7 +153,8 @@ class ParametricFit:
     n_converged: int
     n_iter: int
     best_start: np.ndarray  # grid point the winner started from
-    start_on_grid_edge: bool  # the winning start lies on the boundary of the grid box
+    start_on_grid_edge: bool  # every start that reached the optimum lies on the boundary of the grid box
+    n_at_optimum: int  # starts whose end point ties with the best objective (relative 1e-9)
     optimum_outside_grid: bool  # the optimum lies outside the grid box (grid may be too small)
     local_optima: np.ndarray  # distinct end points, best first [k, 5] (bootstrap warm starts)
 
@@ -170,6 +171,7 @@ class ParametricFit:
             "n_iter": self.n_iter,
             "best_start": dict(zip(("a", "b", "e", "alpha", "beta"), map(float, self.best_start))),
             "start_on_grid_edge": self.start_on_grid_edge,
+            "n_starts_at_optimum": self.n_at_optimum,
             "optimum_outside_grid": self.optimum_outside_grid,
             "grid_box": {"low": lo.tolist(), "high": hi.tolist()},
         }
@@ -218,6 +220,9 @@ def fit_parametric(n_params, tokens, loss, *, starts=None, delta=HUBER_DELTA, ma
     lo, hi = _grid_box()
     start = x0[best]
     theta = res.x_SP[best]
+    # many starts tie at the optimum; the flag asks whether ALL of them lie on the grid's boundary
+    at_opt = f <= f[best] + 1e-9 * abs(f[best])
+    on_edge = np.any(np.isclose(x0[at_opt], lo) | np.isclose(x0[at_opt], hi), axis=1)
     return ParametricFit(
         params=params_from_theta(theta),
         theta=theta.copy(),
@@ -227,7 +232,8 @@ def fit_parametric(n_params, tokens, loss, *, starts=None, delta=HUBER_DELTA, ma
         n_converged=int(res.converged_S.sum()),
         n_iter=int(res.n_iter_S[best]),
         best_start=start.copy(),
-        start_on_grid_edge=bool(np.any(np.isclose(start, lo) | np.isclose(start, hi))),
+        start_on_grid_edge=bool(on_edge.all()),
+        n_at_optimum=int(at_opt.sum()),
         optimum_outside_grid=bool(np.any(theta < lo - 1e-9) | np.any(theta > hi + 1e-9)),
         local_optima=res.x_SP[_distinct(res.x_SP, f, 8)],
     )

@@ -119,8 +119,9 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
         out += [
             "",
             f"- objective {a3['objective']:.6g} ({a3['loss']}); converged: {a3['converged']}; "
-            f"{a3['n_converged']}/{a3['n_starts']} starts converged; best start {a3['best_start']} "
-            f"(on the grid edge: {a3['start_on_grid_edge']}); optimum outside the grid box: {a3['optimum_outside_grid']}",
+            f"{a3['n_converged']}/{a3['n_starts']} starts converged, {a3['n_starts_at_optimum']} reached the optimum "
+            f"(all of them on the grid edge: {a3['start_on_grid_edge']}); optimum outside the grid box: "
+            f"{a3['optimum_outside_grid']}",
         ]
         if "bootstrap_starts" in a3:
             out.append(f"- bootstrap refits: {a3['bootstrap_starts']}; converged fraction {a3['bootstrap_converged_fraction']:.3f}")

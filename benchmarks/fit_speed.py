@@ -139,7 +139,8 @@ def main(argv=None):
           f"{t_sp_full * args.n_bootstrap / bmed:.0f}x |")  # fmt: skip
     print()
     print(f"chinchax optimum (sum):   {fmt_params(ours.params)}  objective {ours.objective:.8g}  "
-          f"converged {ours.converged} ({ours.n_converged}/4500 starts), start on grid edge {ours.start_on_grid_edge}")  # fmt: skip
+          f"converged {ours.converged} ({ours.n_converged}/4500 starts converged, {ours.n_at_optimum} at the optimum; "
+          f"all on the grid edge: {ours.start_on_grid_edge})")  # fmt: skip
     print(f"scipy optimum (sum):      {fmt_params(parametric.params_from_theta(sp.x))}  objective {sp.fun:.8g}"
           f"  ({k} starts)")  # fmt: skip
     print(f"{'expected:' if args.epoch_csv else 'true:':<26}{fmt_params(expected)}")

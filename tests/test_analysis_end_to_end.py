@@ -36,6 +36,7 @@ def test_fit_path_writes_everything(fitted_sweep):
     assert on_disk["n_runs"] == len(runs) - 1 and on_disk["flops_convention"] == "6N+attention"
     a3 = on_disk["approaches"]["3"]
     assert a3["n_starts"] == 4500 and a3["converged"] and "start_on_grid_edge" in a3
+    assert 1 <= a3["n_starts_at_optimum"] <= a3["n_converged"] + 5
     assert set(a3["intervals"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
     assert len(a3["intervals_at_budgets"]) == 2 and a3["intervals_at_budgets"][0]["N_opt"]["n"] == 12
     assert set(on_disk["laws"]) == {"kaplan_N", "kaplan_D", "kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C"}
