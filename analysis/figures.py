@@ -156,8 +156,9 @@ def plot_optimal(pts: Points, fits: dict, out_dir: Path) -> list[str]:
             if a in ("1", "2"):
                 k, e = (res["k_N"], res["a"]) if what == "N" else (res["k_D"], res["b"])
                 ax.plot(grid, k * grid**e, color=col, label=f"{label}: {what}_opt ~ C^{e:.3f}")
-                bs = res.get("bootstrap")
-                band = bs and _band(bs["k_N" if what == "N" else "k_D"], bs["a" if what == "N" else "b"], grid, pct)
+                bs, band = res.get("bootstrap"), None
+                if bs:
+                    band = _band(bs["k_N" if what == "N" else "k_D"], bs["a" if what == "N" else "b"], grid, pct)
             else:
                 fpt = res.get("flops_per_token") or {"k": 6.0, "c": 1.0}
                 kc = (fpt["k"], fpt["c"])
@@ -172,7 +173,7 @@ def plot_optimal(pts: Points, fits: dict, out_dir: Path) -> list[str]:
                     prm = {k: np.asarray(bs[k])[:, None] for k in parametric.PARAM_NAMES}
                     nb, db = parametric.compute_optimal(prm, grid[None, :], kc)
                     band = np.nanpercentile(nb if what == "N" else db, pct, axis=0)
-            if band is not None and band is not False:
+            if band is not None:
                 ax.fill_between(grid, band[0], band[1], color=col, alpha=0.18, lw=0)
         env = fits.get("approaches", {}).get("1", {}).get("envelope")
         if env:
