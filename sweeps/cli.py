@@ -120,46 +120,39 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-extrapolation", action="store_true", help="skip the extrapolation check")
     p.add_argument("--no-figures", action="store_true", help="write fits and report only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    def run_fit(args: argparse.Namespace) -> int:
-        import analysis
-
-        approaches = args.approach or ["all"]
-        approaches = ("1", "2", "3") if "all" in approaches else tuple(dict.fromkeys(approaches))
-        laws = args.law
-        if laws is None:
-            laws = analysis.DEFAULT_LAWS
-        elif "none" in laws:
-            laws = ()
-        import warnings
-
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", analysis.AnalysisWarning)
-                fits = analysis.fit_path(
-                    args.path, args.out_dir, approaches=approaches, laws=laws, budgets=args.budgets,
-                    isoflop_budgets=args.isoflop_budgets, interpolate=args.interpolate, flops=args.flops,
-                    n_params=args.n_params, loss=args.loss,
-                    exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
-                    extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
-                )  # fmt: skip
-        except analysis.AnalysisError as err:
-            return _fail(str(err))
-        for w in caught:
-            print(f"chinchax: warning: {w.message}", file=sys.stderr)
-        print(f"wrote {fits['outputs']['report']}")
-        for a, res in fits["approaches"].items():
-            exp = res["a"] if a != "3" else res["derived"]["a"]
-            print(f"  approach {a}: N_opt ~ C^{exp:.3f}")
-        return 0
-
-    p.set_defaults(func=run_fit)
+    p.set_defaults(func=_cmd_fit)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    import warnings
+
     import analysis
 
-    analysis.fit_path(args.path)
+    approaches = args.approach or ["all"]
+    approaches = ("1", "2", "3") if "all" in approaches else tuple(dict.fromkeys(approaches))
+    laws = args.law
+    if laws is None:
+        laws = analysis.DEFAULT_LAWS
+    elif "none" in laws:
+        laws = ()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", analysis.AnalysisWarning)
+            fits = analysis.fit_path(
+                args.path, args.out_dir, approaches=approaches, laws=laws, budgets=args.budgets,
+                isoflop_budgets=args.isoflop_budgets, interpolate=args.interpolate, flops=args.flops,
+                n_params=args.n_params, loss=args.loss,
+                exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
+                extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
+            )  # fmt: skip
+    except analysis.AnalysisError as err:
+        return _fail(str(err))
+    for w in caught:
+        print(f"chinchax: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {fits['outputs']['report']}")
+    for a, res in fits["approaches"].items():
+        exp = res["a"] if a != "3" else res["derived"]["a"]
+        print(f"  approach {a}: N_opt ~ C^{exp:.3f}")
     return 0
 
 
@@ -172,28 +165,21 @@ def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, help="sweep directory, run directory, or CSV/Parquet table")
     p.add_argument("--out-dir", type=Path, default=None, help="where fits.json is and figures go (default: as for fit)")
-
-    def run_plot(args: argparse.Namespace) -> int:
-        import analysis
-
-        import warnings
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", analysis.AnalysisWarning)  # fit already reported them
-                paths = analysis.plot_path(args.path, args.out_dir)
-        except analysis.AnalysisError as err:
-            return _fail(str(err))
-        print(f"wrote {len(paths)} figure files to {Path(paths[0]).parent if paths else args.out_dir}")
-        return 0
-
-    p.set_defaults(func=run_plot)
+    p.set_defaults(func=_cmd_plot)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    import warnings
+
     import analysis
 
-    analysis.plot_path(args.path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", analysis.AnalysisWarning)  # fit already reported them
+            paths = analysis.plot_path(args.path, args.out_dir)
+    except analysis.AnalysisError as err:
+        return _fail(str(err))
+    print(f"wrote {len(paths)} figure files to {Path(paths[0]).parent if paths else args.out_dir}")
     return 0
 
 
