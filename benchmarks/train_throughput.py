@@ -1,7 +1,8 @@
 """Throughput of the real jitted train step over a ladder of model sizes.
 
-Prints tokens/s, step time (median over timed steps) and MFU (6N+attention FLOPs
-against the device's bf16 peak; blank where the peak is unknown, e.g. CPU).
+Prints tokens/s, step time (median over timed steps) and MFU (the matmul FLOPs the
+step executes, ``llm.counting.mfu_flops_per_token``, against the device's bf16 peak;
+"-" where the peak is unknown, e.g. CPU).
 
     python benchmarks/train_throughput.py            # tiny ladder, fits a laptop CPU
     python benchmarks/train_throughput.py --full     # the GPU ladder: seq 1024, vocab 50304
@@ -80,7 +81,7 @@ def time_step(model_cfg: ModelConfig, batch_size: int, steps: int, warmup: int) 
     step_s = statistics.median(times)
     tokens_per_s = batch_size * model_cfg.seq_len / step_s
     peak = peak_flops(jax.devices()[0].device_kind)
-    flops = counting.flops_per_token(model_cfg, "6N+attention")
+    flops = counting.mfu_flops_per_token(model_cfg)
     return {
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens_per_s,

@@ -78,14 +78,20 @@ def forward_flops_per_token(cfg: ModelConfig) -> float:
     d, v, s, n = cfg.d_model, cfg.vocab_size, cfg.seq_len, cfg.n_heads
     h, kv = d // n, cfg.n_kv_heads or n
     attention = 2 * d * (n + 2 * kv) * h + 2 * s * n * h + 3 * n * s + 2 * s * n * h + 2 * n * h * d
-    dense_mlp = 2 * _mlp_matrices(cfg) * d * cfg.d_ff
+    layers = cfg.n_layers * attention + _mlp_flops_all_layers(cfg)
+    return float(2 * d * v + layers + 2 * d * v)
+
+
+def _mlp_flops_all_layers(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of every block's MLP: dense, or router + active experts."""
+    d = cfg.d_model
     n_moe = _moe_layers(cfg)
-    layers = cfg.n_layers * attention + (cfg.n_layers - n_moe) * dense_mlp
+    flops = (cfg.n_layers - n_moe) * 2 * _mlp_matrices(cfg) * d * cfg.d_ff
     if n_moe:
         e = cfg.moe
         expert = 2 * _mlp_matrices(cfg) * d * _d_ff_expert(cfg)
-        layers += n_moe * (2 * d * e.n_experts + (e.top_k + e.n_shared) * expert)
-    return float(2 * d * v + layers + 2 * d * v)
+        flops += n_moe * (2 * d * e.n_experts + (e.top_k + e.n_shared) * expert)
+    return flops
 
 
 def flops_per_token(cfg: ModelConfig, convention: str) -> float:
@@ -108,11 +114,5 @@ def mfu_flops_per_token(cfg: ModelConfig) -> float:
     d, v, s, n = cfg.d_model, cfg.vocab_size, cfg.seq_len, cfg.n_heads
     h, kv = d // n, cfg.n_kv_heads or n
     attention = 2 * d * (n + 2 * kv) * h + 4 * s * n * h + 2 * n * h * d
-    dense_mlp = 2 * _mlp_matrices(cfg) * d * cfg.d_ff
-    n_moe = _moe_layers(cfg)
-    layers = cfg.n_layers * attention + (cfg.n_layers - n_moe) * dense_mlp
-    if n_moe:
-        e = cfg.moe
-        expert = 2 * _mlp_matrices(cfg) * d * _d_ff_expert(cfg)
-        layers += n_moe * (2 * d * e.n_experts + (e.top_k + e.n_shared) * expert)
+    layers = cfg.n_layers * attention + _mlp_flops_all_layers(cfg)
     return 3.0 * float(layers + 2 * d * v)

@@ -222,6 +222,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
 
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
+    mfu_flops = counting.mfu_flops_per_token(m)  # the matmul FLOPs the hardware really does
     train_step = make_train_step(graphdef, optimizer, cfg)
     eval_step = make_eval_step(graphdef)
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
@@ -267,9 +268,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
             first_interval = False
             record = _record(step, tokens_per_step, flops_per_token, host, float(schedule(step - 1)))
             record["tokens_per_s"] = tokens_per_s
-            record["mfu"] = (
-                tokens_per_s * flops_per_token["6N+attention"] / (peak * hardware["n_devices"]) if peak else None
-            )
+            record["mfu"] = tokens_per_s * mfu_flops / (peak * hardware["n_devices"]) if peak else None
             last_train = record["train_loss"]
             if not math.isfinite(last_train):
                 error = f"non-finite training loss ({last_train}) at step {step}"
