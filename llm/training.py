@@ -9,6 +9,7 @@ feeds batches (a pure function of (data seed, step)) and reads metrics back ever
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 import sys
@@ -167,8 +168,6 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 
 
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    import json
-
     path = run_dir / "result.json"
     if not path.exists():
         return None
@@ -212,13 +211,16 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
         (run_dir / "result.json").unlink()
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=t.keep_checkpoints)
     start = checkpoints.latest_step() or 0
+    earlier_wall = 0.0
     if start:
-        state, _ = checkpoints.restore(start, state)
+        state, meta = checkpoints.restore(start, state)
+        earlier_wall = float(meta.get("wall_time_s", 0.0))
         truncate_metrics(run_dir, start)
     else:
         metrics_path = run_dir / "metrics.jsonl"
         if metrics_path.exists():
             metrics_path.unlink()  # a run killed before its first checkpoint starts over
+    best_eval, last_eval, last_train = _losses_so_far(run_dir)
 
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
@@ -246,8 +248,8 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     pending: list[dict[str, jax.Array]] = []
     last_record_time, last_record_step = time.perf_counter(), start
     steady_seconds, steady_tokens, first_interval = 0.0, 0, True
-    best_eval, last_eval, last_train = math.inf, math.nan, math.nan
     error = None
+    step = start
     try:
         for step in range(start + 1, steps + 1):
             batch = dataset.train_batch(step - 1, t.batch_size)
@@ -284,15 +286,17 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
             if error:
                 break
             if step % t.checkpoint_every == 0 or step == steps:
-                checkpoints.save(step, state, {"step": step, "tokens": step * tokens_per_step, "run_name": run_name})
+                meta = {"step": step, "tokens": step * tokens_per_step, "run_name": run_name,
+                        "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
+                checkpoints.save(step, state, meta)
                 last_record_time = time.perf_counter()
     finally:
         bar.close()
         log.close()
         checkpoints.close()
 
-    wall = time.perf_counter() - started
-    done_steps = step if error else steps
+    wall = earlier_wall + time.perf_counter() - started  # all attempts of this run
+    done_steps = step
     steady_tps = steady_tokens / steady_seconds if steady_seconds > 0 else None
     tokens = done_steps * tokens_per_step
     result = {
@@ -310,6 +314,20 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     }
     write_json_atomic(run_dir / "result.json", result)
     return RunResult(result["status"], error, run_dir, result)
+
+
+def _losses_so_far(run_dir: Path) -> tuple[float, float, float]:
+    """(best eval, last eval, last train) loss in metrics.jsonl: a resumed run keeps its history."""
+    best_eval, last_eval, last_train = math.inf, math.nan, math.nan
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            last_train = record.get("train_loss", last_train)
+            if record.get("eval_loss") is not None:
+                last_eval = record["eval_loss"]
+                best_eval = min(best_eval, last_eval)
+    return best_eval, last_eval, last_train
 
 
 def _record(step: int, tokens_per_step: int, flops_per_token: dict[str, float], host: list[dict], lr: float) -> dict:

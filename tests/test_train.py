@@ -145,10 +145,22 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
     monkeypatch.setattr(training, "load_dataset", real_load)
     resumed = training.train(cfg, tmp_path / "resumed")
 
-    assert resumed.result["final_eval_loss"] == straight.result["final_eval_loss"]
-    assert resumed.result["final_train_loss"] == straight.result["final_train_loss"]
+    for key in ("final_eval_loss", "final_train_loss", "best_eval_loss"):
+        assert resumed.result[key] == straight.result[key], key
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "metrics logged after the last checkpoint must not repeat"
+
+
+def test_killed_after_the_last_checkpoint_keeps_its_losses(tmp_path, cache_dir):
+    from llm.training import train
+
+    cfg = tiny(cache_dir, "train.steps=8", "train.checkpoint_every=4")
+    first = train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "result.json").unlink()  # killed between the final checkpoint and result.json
+    again = train(cfg, tmp_path / "run")
+    for key in ("final_eval_loss", "final_train_loss", "best_eval_loss", "tokens", "step"):
+        assert again.result[key] == first.result[key], key
+    assert again.result["wall_time_s"] >= first.result["wall_time_s"] * 0.5  # carried over, not reset to ~0
 
 
 def test_diverging_run_fails_with_the_reason(tmp_path, cache_dir):
