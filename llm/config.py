@@ -147,14 +147,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        concrete = [o for o in options if o is not type(None)]
+        if len(concrete) == 1:
+            # Optional[X]: X's own error names the bad key (e.g. a typo inside model.moe).
+            return _coerce(value, concrete[0], where)
+        for option in concrete:
             try:
                 return _coerce(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         names = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):

@@ -50,6 +50,9 @@ def test_tokens_give_ceil_steps():
         (["model.vocab_size=300"], "bytes needs model.vocab_size=256"),
         (["data.source=kjv"], "needs a scheme"),
         (["model.moe.top_k=9"], "top_k=9"),
+        (["model.moe.n_exprts=4"], "unknown config key 'model.moe.n_exprts' (did you mean 'n_experts'?)"),
+        (["model.moe.top_k=x"], "model.moe.top_k: expected an integer"),
+        (["model.n_kv_heads=x"], "model.n_kv_heads: expected an integer"),
         (["d_model"], "not of the form key=value"),
     ],
 )
