@@ -227,6 +227,14 @@ def test_cli_plan_and_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_overrides_after_options(tmp_path, capsys):
+    spec = str(EXPERIMENTS / "quickstart.yaml")
+    assert main(["sweep", "status", spec, "--out", str(tmp_path / "sw"), "isoflop.budgets=[1e11]"]) == 0
+    assert "4 runs: 4 pending" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # anything else unknown is still an argparse error
+        main(["sweep", "status", spec, "--out", str(tmp_path / "sw"), "--bogus"])
+
+
 def test_run_names_survive_new_default_fields():
     import dataclasses
 
