@@ -18,7 +18,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        # `is` checks: a default of 0 (e.g. --seed) equals False but is worth showing.
+        if "default" in text or any(action.default is d for d in (None, False, argparse.SUPPRESS)) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -41,7 +42,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
             "Re-running the same command in the same --run-dir resumes from the latest checkpoint.\n\n"
             "Examples:\n"
             "  chinchax train --run-dir runs/default\n"
-            "  chinchax train experiments/configs/small.yaml model.d_model=256 train.steps=500 --run-dir runs/d256"
+            "  chinchax train experiments/configs/dense_small.yaml model.d_model=256 train.steps=500 --run-dir runs/d256"
         ),
         formatter_class=_Formatter,
     )

@@ -235,6 +235,20 @@ def test_cli_overrides_after_options(tmp_path, capsys):
         main(["sweep", "status", spec, "--out", str(tmp_path / "sw"), "--bogus"])
 
 
+def test_help_examples_name_files_that_exist(capsys):
+    import re
+
+    for command in (["train"], ["sweep"], ["fit"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = capsys.readouterr().out
+        for path in re.findall(r"experiments/[\w/.-]+\.yaml", text):
+            assert (REPO / path).is_file(), f"`chinchax {command[0]} --help` names missing {path}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "bootstrap seed (default: 0)" in capsys.readouterr().out
+
+
 def test_run_names_survive_new_default_fields():
     import dataclasses
 
