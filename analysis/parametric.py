@@ -187,6 +187,15 @@ def _check_points(n_params, tokens, loss):
             raise AnalysisError(f"{name} must be finite and > 0; bad at positions {bad[:10].tolist()}")
     if arrays[0].size < 6:
         raise AnalysisError(f"Approach 3 fits 5 parameters and needs at least 6 points, got {arrays[0].size}")
+    # Repeats (e.g. seeds) of one (N, D) add no information about the shape: with too few distinct
+    # N or D, (A, alpha) or (B, beta) are not identified and the "optimum" is one of a continuum.
+    n_pairs = len(set(zip(arrays[0].tolist(), arrays[1].tolist())))
+    n_n, n_d = np.unique(arrays[0]).size, np.unique(arrays[1]).size
+    if n_pairs < 6 or n_n < 3 or n_d < 3:
+        raise AnalysisError(
+            "Approach 3 fits 5 parameters and needs at least 6 distinct (N, D) points with at least 3 distinct N "
+            f"and 3 distinct D; got {n_pairs} distinct points, {n_n} distinct N, {n_d} distinct D"
+        )
     return arrays
 
 

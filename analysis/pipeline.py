@@ -297,7 +297,10 @@ def extrapolation_check(pts: Points, holdout_flops=None):
     if train.sum() < 6 or (~train).sum() < 1:
         return {"skipped": f"threshold {holdout_flops:.3g} leaves {train.sum()} fit / {(~train).sum()} held-out runs"}
     q = p[train]
-    fit = parametric.fit_parametric(q["n_params"], q["tokens"], q["loss"])
+    try:
+        fit = parametric.fit_parametric(q["n_params"], q["tokens"], q["loss"])
+    except AnalysisError as err:  # e.g. too few distinct (N, D) below the threshold
+        return {"skipped": f"threshold {holdout_flops:.3g}: {err}"}
     held = p[~train]
     pred = parametric.predict(fit.params, held["n_params"], held["tokens"])
     rel = pred / held["loss"].to_numpy(float) - 1.0

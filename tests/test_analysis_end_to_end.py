@@ -86,3 +86,18 @@ def test_fit_table_writes_next_to_it(tmp_path):
                           progress=False)  # fmt: skip
     with pytest.raises(AnalysisError, match="fits.json not found"):
         analysis.plot_path(path, out_dir=tmp_path / "nowhere")
+
+
+def test_extrapolation_check_skips_unidentified_fits():
+    from types import SimpleNamespace
+
+    from analysis.pipeline import extrapolation_check
+
+    # 2 seeds x 2 sizes x 2 budgets: 6 runs below the threshold but only 2 distinct N there
+    points = pd.DataFrame({
+        "run": [f"r{i}" for i in range(8)], "n_params": [3e3, 3e3, 1e4, 1e4] * 2,
+        "tokens": [4e4, 4e4, 1.6e4, 1.6e4, 1.3e5, 1.3e5, 5.4e4, 5.4e4],
+        "flops": [3e9] * 4 + [9.9e9, 9.9e9, 1e10, 1e10], "loss": [2.28, 2.28, 2.47, 2.48, 2.12, 2.12, 2.18, 2.19],
+    })  # fmt: skip
+    out = extrapolation_check(SimpleNamespace(points=points), holdout_flops=9.95e9)
+    assert "distinct N" in out.get("skipped", "")

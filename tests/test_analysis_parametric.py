@@ -128,3 +128,15 @@ def test_bad_points_are_named():
         parametric.fit_parametric([1e8, 2e8, np.nan, 4e8, 5e8, 6e8], [1e9] * 6, [3.0] * 6)
     with pytest.raises(ValueError, match="at least 6"):
         parametric.fit_parametric([1e8, 2e8], [1e9, 1e9], [3.0, 2.9])
+
+
+def test_repeated_points_do_not_count_as_distinct():
+    # 8 runs (2 seeds) but only 4 distinct (N, D): the 5 parameters are not identified.
+    n = [3e3, 3e3, 1e4, 1e4] * 2
+    d = [4e4, 4e4, 1.6e4, 1.6e4, 1.3e5, 1.3e5, 5.4e4, 5.4e4]
+    loss = [2.28, 2.28, 2.47, 2.48, 2.12, 2.12, 2.18, 2.19]
+    with pytest.raises(ValueError, match="6 distinct \\(N, D\\) points.*got 4 distinct points, 2 distinct N"):
+        parametric.fit_parametric(n, d, loss)
+    # six distinct points on a 2 x 3 grid still leave (A, alpha) unidentified: 2 distinct N
+    with pytest.raises(ValueError, match="2 distinct N"):
+        parametric.fit_parametric([1e8] * 3 + [2e8] * 3, [1e9, 2e9, 4e9] * 2, [3.0, 2.9, 2.8, 2.9, 2.8, 2.7])
