@@ -214,11 +214,30 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
             raise ConfigError(f"dataset_tokens must be > 0, got {list(spec.dataset_tokens)}")
         if "data.dataset_tokens" in grid:
             raise ConfigError("set dataset sizes either in dataset_tokens or in grid.data.dataset_tokens, not both")
-    if spec.fit is not None and spec.fit.options is not None and not isinstance(spec.fit.options, Mapping):
-        raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
+    if spec.fit is not None and spec.fit.options is not None:
+        if not isinstance(spec.fit.options, Mapping):
+            raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
+        _check_fit_options(spec.fit.options)
     if spec.estimate.flops_per_s <= 0 or spec.estimate.overhead_s < 0:
         raise ConfigError("estimate: need flops_per_s > 0 and overhead_s >= 0")
     return spec
+
+
+def _check_fit_options(options: Mapping[str, Any]) -> None:
+    """Option names must be keywords of analysis.fit_path: a typo must not surface after hours of training."""
+    if not options:
+        return
+    import inspect
+
+    from analysis import fit_path
+
+    allowed = [n for n in inspect.signature(fit_path).parameters if n != "path"]  # path is the sweep dir
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown config key 'fit.options.{key}'{_did_you_mean(str(key), allowed)}; "
+                f"fit options are keyword arguments of analysis.fit_path: {', '.join(allowed)}"
+            )
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")

@@ -181,6 +181,8 @@ def test_isoflop_runs_land_within_one_percent(convention):
         ({"isoflop": {"budgets": [1e12]}}, "exactly one of n_params"),
         ({"isoflop": {"budgets": [1e12], "n_sizes": 3}, "grid": {"train.tokens": [1e6]}}, "isoflop solves for"),
         ({"dataset_tokens": []}, "dataset_tokens is empty"),
+        ({"isoflop": {"budget": [1e12]}}, "unknown config key 'isoflop.budget' \\(did you mean 'budgets'\\?\\)"),
+        ({"fit": {"options": {"n_bootstrp": 10}}}, "unknown config key 'fit.options.n_bootstrp' \\(did you mean 'n_bootstrap'"),
     ],
 )
 def test_spec_errors(data, message):
