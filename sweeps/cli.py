@@ -187,6 +187,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before the sweep directory is touched)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
@@ -218,8 +229,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("run", help="train the unfinished runs of a spec, then fit", formatter_class=_Formatter)
     common(q)
     q.add_argument("--backend", choices=("local", "ray"), default="local", help="local subprocesses or Ray tasks")
-    q.add_argument("--parallel", type=int, default=None, help="runs at a time (default: one per GPU; on CPU one per core, at most 4)")
-    q.add_argument("--gpus-per-run", type=int, default=1, help="accelerators given to each run")
+    q.add_argument("--parallel", type=_positive_int, default=None, help="runs at a time (default: one per GPU; on CPU one per core, at most 4)")
+    q.add_argument("--gpus-per-run", type=_positive_int, default=1, help="accelerators given to each run")
     q.add_argument("--retry-failed", action="store_true", help="also retry runs whose result.json says failed")
     q.add_argument("--no-fit", action="store_true", help="skip the spec's fit step")
     q.add_argument("--no-compile-cache", action="store_true", help="do not share JAX's persistent compilation cache")

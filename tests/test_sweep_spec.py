@@ -235,6 +235,11 @@ def test_cli_overrides_after_options(tmp_path, capsys):
     assert "4 runs: 4 pending" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # anything else unknown is still an argparse error
         main(["sweep", "status", spec, "--out", str(tmp_path / "sw"), "--bogus"])
+    for bad in (["--parallel", "0"], ["--parallel", "-1"], ["--gpus-per-run", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep", "run", spec, "--out", str(tmp_path / "bad"), *bad])
+        assert exit_.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # rejected before the sweep directory is written
 
 
 def test_help_examples_name_files_that_exist(capsys):
