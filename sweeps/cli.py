@@ -66,6 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config, overrides = _split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    if args.run_dir.exists() and not args.run_dir.is_dir():
+        raise ConfigError(f"--run-dir {args.run_dir} exists and is not a directory")
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

@@ -213,6 +213,15 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, cache_dir, capsys, overr
     assert not run_dir.exists()
 
 
+def test_run_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.write_text("not a run")
+    assert cli_main(["train", *TINY, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists and is not a directory" in err and len(err.splitlines()) == 1
+    assert run_dir.read_text() == "not a run"
+
+
 def test_seq_len_longer_than_the_data_is_an_error(tmp_path, cache_dir):
     from llm.training import train
 
