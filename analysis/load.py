@@ -2,7 +2,10 @@
 
 runs:   one row per run: run, status, error, n_params_total, n_params_nonembed, n_params_active,
         n_params_active_nonembed, tokens (D), dataset_tokens, steps, flops_6N, flops_6N+attention (C),
-        final_eval_loss, best_eval_loss, final_train_loss, entropy_rate (whatever is known).
+        final_eval_loss, best_eval_loss, final_train_loss, entropy_rate, data (whatever is known).
+        ``data`` is "source tokenizer vocab" from the run's config.yaml: losses are per token,
+        so runs on different data or tokenizers are not comparable and fitting them together
+        warns.
 curves: one row per logged step: run, step, tokens, flops_6N, flops_6N+attention,
         loss (eval loss; NaN on steps without evaluation), train_loss.
 
@@ -27,7 +30,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 RUN_COLUMNS = (
     "run", "status", "error", "n_params_total", "n_params_nonembed", "n_params_active",
     "n_params_active_nonembed", "tokens", "dataset_tokens", "steps", "flops_6N", "flops_6N+attention",
-    "final_eval_loss", "best_eval_loss", "final_train_loss", "entropy_rate",
+    "final_eval_loss", "best_eval_loss", "final_train_loss", "entropy_rate", "data",
 )  # fmt: skip
 CURVE_COLUMNS = ("run", "step", "tokens", "flops_6N", "flops_6N+attention", "loss", "train_loss")
 
@@ -80,6 +83,20 @@ def _read_metrics(path: Path, run: str) -> list[dict]:
     return rows
 
 
+def _data_key(config_path: Path) -> str | None:
+    """"source tokenizer vocab=V" of a run's config.yaml; None when it is absent or unreadable."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_path.read_text()) or {}
+        data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not data.get("source"):
+        return None
+    return f"{data['source']} {data.get('tokenizer', '?')} vocab={model.get('vocab_size', '?')}"
+
+
 def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
     run = path.name
     curve = _read_metrics(path / "metrics.jsonl", run)
@@ -97,6 +114,7 @@ def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
         last = curve[-1] if curve else {}
         row = {"run": run, "status": "unfinished", "error": "no result.json", "run_dir": str(path)}
         row.update({k: last.get(k) for k in ("tokens", "flops_6N", "flops_6N+attention")})
+    row["data"] = _data_key(path / "config.yaml")
     return row, curve
 
 
@@ -182,6 +200,13 @@ def finished(runs: pd.DataFrame, curves: pd.DataFrame, exclude=()) -> tuple[pd.D
         warnings.warn(msg, AnalysisWarning, stacklevel=3)
     keep = (runs["status"].astype(str) == "done") & ~runs["run"].astype(str).isin(exclude)
     kept = runs[keep].reset_index(drop=True)
+    if "data" in kept and kept["data"].dropna().nunique() > 1:
+        groups = {key: group["run"].astype(str).tolist() for key, group in kept.groupby("data")}
+        listed = "; ".join(f"{key}: {len(names)} runs, e.g. {names[:3]}" for key, names in groups.items())
+        msg = (f"runs trained on different data or tokenizers are fitted together ({listed}); their "
+               "losses are not in the same units: exclude one group")
+        messages.append(msg)
+        warnings.warn(msg, AnalysisWarning, stacklevel=3)
     return kept, curves[curves["run"].isin(set(kept["run"]))].reset_index(drop=True), messages
 
 

@@ -341,6 +341,9 @@ def validate(cfg: Config) -> Config:
     synthetic = d.source.startswith("synthetic:")  # token ids come straight from the source
     if d.tokenizer == "bytes" and m.vocab_size != 256 and not synthetic:
         raise ConfigError(f"data.tokenizer=bytes needs model.vocab_size=256, got {m.vocab_size}")
+    if d.tokenizer == "bpe" and synthetic:
+        raise ConfigError(f"data.tokenizer=bpe does not apply to {d.source}: synthetic sources emit token ids "
+                          "directly; use data.tokenizer=bytes")
     if d.tokenizer == "bpe" and m.vocab_size < 260 and not synthetic:
         raise ConfigError(f"data.tokenizer=bpe needs model.vocab_size >= 260 (256 bytes + specials), got {m.vocab_size}")
     if ":" not in d.source:

@@ -22,10 +22,18 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     - ``wsd``: warmup, stable at ``lr``, then linear decay to ``min_lr_ratio * lr`` over the
       last ``decay_fraction`` of steps (Hu et al. 2024, MiniCPM).
     - ``constant``: warmup, then ``lr``.
+
+    Warmup update ``s`` runs at ``lr * (s + 1) / warmup``: the first update is never
+    wasted at lr = 0. Warmup is capped at half the run, so a run shorter than twice
+    ``warmup_steps`` still decays to its floor instead of ending mid-ramp.
     """
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = min(cfg.warmup_steps, total_steps // 2)
     floor = cfg.lr * cfg.min_lr_ratio
-    ramp = optax.linear_schedule(0.0 if warmup else cfg.lr, cfg.lr, max(warmup, 1))
+    peak = cfg.lr
+
+    def ramp(step):
+        return peak * jnp.minimum((step + 1) / max(warmup, 1), 1.0)
+
     rest = max(total_steps - warmup - 1, 1)  # the last update runs at the floor
     if cfg.schedule == "cosine":
         tail = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)

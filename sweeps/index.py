@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun
-from sweeps.worker import read_result
+from sweeps.run_result import read_result
 
 STATES = ("done", "failed", "running", "interrupted", "pending")
 COLUMNS = (

@@ -32,7 +32,7 @@ from sweeps.index import index_row, lock_path, run_state, write_index, write_tex
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun, expand
 from sweeps.spec import SweepSpec
-from sweeps.worker import EXIT_LOCKED, read_result, write_failure
+from sweeps.run_result import EXIT_LOCKED, read_result, write_failure
 
 DEFAULT_TRAIN_FN = "llm.training:train"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from sweeps.lock import LockHeld, RunLock
-
-EXIT_LOCKED = 75
-
+from sweeps.run_result import EXIT_LOCKED, read_result, write_failure
 
 def load_train_fn(target: str) -> Callable[..., Any]:
     """Resolve ``module:function`` or ``file.py:function`` to the callable."""
@@ -40,26 +36,6 @@ def load_train_fn(target: str) -> Callable[..., Any]:
     else:
         module = importlib.import_module(module_name)
     return getattr(module, attr)
-
-
-def read_result(run_dir: Path) -> dict | None:
-    """result.json of a run, or None if absent or unreadable (a run killed mid-write)."""
-    try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_failure(run_dir: Path, run_name: str, error: str) -> None:
-    """Record a failure that happened outside train's own bookkeeping (exception, crash)."""
-    from llm.metrics import write_json_atomic
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        run_dir / "result.json",
-        {"status": "failed", "error": error, "run_name": run_name, "failed_at": time.time()},
-    )
 
 
 def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, train_target: str) -> int:

@@ -81,6 +81,23 @@ def test_prepare_excludes_unfinished_runs_with_a_warning_naming_them(sweep_dir):
     assert pts6.points["flops"].tolist() == [6.0 * 1000 * 20000]
 
 
+def test_fitting_runs_on_different_tokenizers_together_warns_naming_the_groups(sweep_dir):
+    for name, tokenizer in (("a", "bytes"), ("b", "bpe")):
+        vocab = 256 if tokenizer == "bytes" else 1024
+        (sweep_dir / name / "config.yaml").write_text(
+            f"data: {{source: 'builtin:english', tokenizer: {tokenizer}}}\nmodel: {{vocab_size: {vocab}}}\n")
+    runs, curves = load_runs(sweep_dir)
+    assert runs.set_index("run").loc["a", "data"] == "builtin:english bytes vocab=256"
+    with pytest.warns(AnalysisWarning, match=r"different data or tokenizers.*bpe vocab=1024: 1 runs, e.g. \['b'\]"):
+        prepare(runs, curves)
+    (sweep_dir / "b" / "config.yaml").write_text((sweep_dir / "a" / "config.yaml").read_text())
+    runs, curves = load_runs(sweep_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare(runs, curves)
+    assert not [w for w in caught if "different data" in str(w.message)]
+
+
 def test_corrupt_metrics_line_is_an_error(sweep_dir):
     path = sweep_dir / "a" / "metrics.jsonl"
     lines = path.read_text().splitlines()

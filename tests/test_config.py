@@ -54,6 +54,7 @@ def test_tokens_give_ceil_steps():
         (["model.moe.top_k=x"], "model.moe.top_k: expected an integer"),
         (["model.n_kv_heads=x"], "model.n_kv_heads: expected an integer"),
         (["d_model"], "not of the form key=value"),
+        (["data.source=synthetic:markov", "data.tokenizer=bpe"], "does not apply to synthetic:markov"),
     ],
 )
 def test_errors_name_the_problem(overrides, fragment):

@@ -40,11 +40,21 @@ def tiny(cache_dir, *extra):
 def test_cosine_schedule_warms_up_and_ends_at_floor_on_the_last_step():
     cfg = load_config(None, ["optim.lr=1e-2", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"]).optim
     lr = learning_rate_schedule(cfg, 111)  # updates 0..110: 10 warmup, 100 cosine, the last at the floor
-    assert float(lr(0)) == pytest.approx(0.0)
-    assert float(lr(5)) == pytest.approx(5e-3)
+    assert float(lr(0)) == pytest.approx(1e-3)  # the first update already moves
+    assert float(lr(4)) == pytest.approx(5e-3)
+    assert float(lr(9)) == pytest.approx(1e-2)
     assert float(lr(10)) == pytest.approx(1e-2)
     assert float(lr(60)) == pytest.approx(1e-3 + 0.5 * 9e-3, rel=1e-5)  # half-way down the cosine
     assert float(lr(110)) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_warmup_longer_than_the_run_is_capped_at_half_so_the_run_still_decays():
+    cfg = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=50", "optim.min_lr_ratio=0.1"]).optim
+    lr = learning_rate_schedule(cfg, 30)  # 15 warmup updates, 15 cosine updates
+    assert float(lr(0)) == pytest.approx(1 / 15)
+    assert float(lr(14)) == pytest.approx(1.0)
+    assert float(lr(29)) == pytest.approx(0.1, rel=1e-5)
+    assert max(float(lr(s)) for s in range(30)) == pytest.approx(1.0)
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly():

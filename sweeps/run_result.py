@@ -1,0 +1,33 @@
+"""A run's result.json as the sweep sees it: read it, or record a failure in it.
+
+Kept apart from ``sweeps.worker`` so that the runner and the index can use these
+without importing the worker module, which runs as ``python -m sweeps.worker``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+EXIT_LOCKED = 75  # worker exit code: another process holds the run's lock (EX_TEMPFAIL)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """result.json of a run, or None if absent or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads((Path(run_dir) / "result.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_failure(run_dir: Path, run_name: str, error: str) -> None:
+    """Record a failure that happened outside train's own bookkeeping (exception, crash)."""
+    from llm.metrics import write_json_atomic
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run_dir / "result.json",
+        {"status": "failed", "error": error, "run_name": run_name, "failed_at": time.time()},
+    )
