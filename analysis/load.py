@@ -231,8 +231,8 @@ def select_flops(runs: pd.DataFrame, curves: pd.DataFrame, flops: str = "auto") 
                 return conv, runs[f"flops_{conv}"].to_numpy(float), curves[f"flops_{conv}"]
         if has("flops"):
             raise AnalysisError(
-                "the table has a 'flops' column but no convention: pass flops='6N' or '6N+attention' "
-                "to say which it is, or flops='6ND' to recompute C = 6 N D"
+                "the table has a 'flops' column but no convention: say which it is with --flops 6N or "
+                "--flops 6N+attention (flops=... in Python), or --flops 6ND to recompute C = 6 N D"
             )
         flops = "6ND"
     if flops == "6ND":
@@ -256,5 +256,5 @@ def check_positive(runs: pd.DataFrame, columns) -> None:
             names = runs.loc[bad, "run"].astype(str).tolist()
             raise AnalysisError(
                 f"{col} must be finite and > 0; bad in {len(names)} runs: {names[:10]}"
-                " (fix the data or pass exclude=[...])"
+                " (fix the data or leave them out with --exclude RUN ... / exclude=[...])"
             )

@@ -131,7 +131,7 @@ def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None
     if iso.size < 2:
         raise AnalysisError(
             "approach 2 needs >= 2 IsoFLOP budgets with >= 3 runs each; the runs' FLOPs do not group "
-            "that way (pass isoflop_budgets=[...] or train an IsoFLOP grid)"
+            "that way (give --isoflop-budgets C1 C2 ... / isoflop_budgets=[...], or train an IsoFLOP grid)"
         )
     loss_RK = tok_RK = None
     if pts.has_curves:

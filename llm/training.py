@@ -249,11 +249,18 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     last_record_time, last_record_step = time.perf_counter(), start
     steady_seconds, steady_tokens, first_interval = 0.0, 0, True
     error = None
-    step = start
+    step = completed = start
+
+    def save_checkpoint(at: int) -> None:
+        meta = {"step": at, "tokens": at * tokens_per_step, "run_name": run_name,
+                "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
+        checkpoints.save(at, state, meta)
+
     try:
         for step in range(start + 1, steps + 1):
             batch = dataset.train_batch(step - 1, t.batch_size)
             state, step_metrics = train_step(state, batch)
+            completed = step
             pending.append(step_metrics)
             bar.update(1)
             is_eval = step in eval_at
@@ -286,10 +293,14 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
             if error:
                 break
             if step % t.checkpoint_every == 0 or step == steps:
-                meta = {"step": step, "tokens": step * tokens_per_step, "run_name": run_name,
-                        "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
-                checkpoints.save(step, state, meta)
+                save_checkpoint(step)
                 last_record_time = time.perf_counter()
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint.
+        if completed > (checkpoints.latest_step() or 0):
+            bar.write(f"interrupted: saving a checkpoint at step {completed}; rerun the same command to resume")
+            save_checkpoint(completed)
+        raise
     finally:
         bar.close()
         log.close()

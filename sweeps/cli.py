@@ -73,6 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from llm.training import train
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` checkpoints and stops like Ctrl-C
     result = train(cfg, args.run_dir)
     return 0 if result.status == "done" else 1
 

@@ -128,7 +128,11 @@ def test_rerunning_a_finished_run_does_nothing(finished_run):
     assert again.status == "done" and (result.run_dir / "result.json").read_text() == before
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize(
+    "stop, checkpoint_steps",
+    [(RuntimeError, [4, 8]), (KeyboardInterrupt, [8, 9])],  # Ctrl-C / SIGTERM also saves the steps done
+)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch, stop, checkpoint_steps):
     from llm import training
 
     cfg = tiny(cache_dir, "train.steps=12", "train.checkpoint_every=4", "train.log_every=2")
@@ -142,16 +146,18 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
 
         def batch(step, size):
             if step == 9:  # die inside step 10, after the checkpoint at step 8
-                raise RuntimeError("simulated kill")
+                raise stop("simulated kill")
             return real_batch(step, size)
 
         data.train_batch = batch
         return data
 
     monkeypatch.setattr(training, "load_dataset", crashing_load)
-    with pytest.raises(RuntimeError, match="simulated kill"):
+    with pytest.raises(stop, match="simulated kill"):
         training.train(cfg, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "result.json").exists()
+    saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == checkpoint_steps
     monkeypatch.setattr(training, "load_dataset", real_load)
     resumed = training.train(cfg, tmp_path / "resumed")
 
