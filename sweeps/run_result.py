@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 EXIT_LOCKED = 75  # worker exit code: another process holds the run's lock (EX_TEMPFAIL)
+EXIT_ALREADY_DONE = 3  # worker exit code: another launch finished the run before we took its lock
 
 
 def read_result(run_dir: Path) -> dict | None:

@@ -32,7 +32,7 @@ from sweeps.index import index_row, lock_path, run_state, write_index, write_tex
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun, expand
 from sweeps.spec import SweepSpec
-from sweeps.run_result import EXIT_LOCKED, read_result, write_failure
+from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, read_result, write_failure
 
 DEFAULT_TRAIN_FN = "llm.training:train"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -294,6 +294,8 @@ def run_sweep(
                     status[name] = "waiting"
                     waiting.append(name)
                     continue
+                if rc == EXIT_ALREADY_DONE:  # another launch finished it just before our worker started
+                    trained.remove(name)
                 result = read_result(sweep_dir / name)
                 if result is None:
                     reason = _exit_reason(rc)

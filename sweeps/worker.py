@@ -2,8 +2,9 @@
 
 ``python -m sweeps.worker --config C.yaml --run-dir DIR --lock L [--train-fn M:F]``
 
-Exit codes: 0 the run is done, 1 it failed (result.json says why), 75 another
-process holds the run's lock (nothing was touched). The train function defaults to
+Exit codes: 0 the run is done, 1 it failed (result.json says why), 3 another
+launch had already finished it, 75 another process holds the run's lock (for 3 and
+75 nothing was touched). The train function defaults to
 ``llm.training:train``; ``--train-fn`` takes ``module:function`` or
 ``path/to/file.py:function`` with the same signature (the tests use a fake one).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sweeps.lock import LockHeld, RunLock
-from sweeps.run_result import EXIT_LOCKED, read_result, write_failure
+from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, read_result, write_failure
 
 def load_train_fn(target: str) -> Callable[..., Any]:
     """Resolve ``module:function`` or ``file.py:function`` to the callable."""
@@ -50,7 +51,7 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
     try:
         previous = read_result(run_dir)
         if previous is not None and previous.get("status") == "done":
-            return 0  # finished by another launch between our check and our lock
+            return EXIT_ALREADY_DONE  # finished by another launch between our check and our lock
         try:
             cfg = load_config(config_path)
             result = load_train_fn(train_target)(cfg, run_dir, run_name=run_name)

@@ -166,8 +166,8 @@ def test_two_launches_never_train_a_run_twice(tmp_path):
     script = (
         "import sys; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
         "from sweeps.spec import spec_from_dict; import json; "
-        "run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
-        "progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None)"
+        "r = run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
+        "progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None); print(len(r.trained))"
     ).format(
         repo=str(REPO),
         data=json.dumps({"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
@@ -175,9 +175,12 @@ def test_two_launches_never_train_a_run_twice(tmp_path):
         out=str(tmp_path), fake=FAKE,
     )
     env = {**os.environ, "FAKE_SLEEP": "0.3"}  # runs overlap, so the launches do race for them
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env) for _ in range(2)]
-    assert [p.wait(60) for p in procs] == [0, 0]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
     assert all(len(_calls(tmp_path, r.name)) == 1 for r in expand(spec))
+    assert sum(int(out.split()[-1]) for out in outs) == 4  # each run counted as trained by one launch only
 
 
 def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
@@ -256,3 +259,18 @@ def test_lock_staleness_rules(tmp_path):
         RunLock(path).acquire()
     os.utime(path, (old, old))
     RunLock(path).acquire().release()
+
+
+def test_worker_leaves_a_run_another_launch_finished_and_says_so(tmp_path):
+    from sweeps.run_result import EXIT_ALREADY_DONE
+    from sweeps.worker import run_one
+
+    run = expand(_spec([1]))[0]
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(run.config))
+    fake_train(run.config, tmp_path / run.name, run_name=run.name)  # "the other launch"
+    before = (tmp_path / run.name / "result.json").read_text()
+    rc = run_one(config, tmp_path / run.name, run.name, tmp_path / "run.lock", FAKE)
+    assert rc == EXIT_ALREADY_DONE  # the runner then does not count it as trained by this launch
+    assert len(_calls(tmp_path, run.name)) == 1
+    assert (tmp_path / run.name / "result.json").read_text() == before
