@@ -58,7 +58,9 @@ def compute_optimal_table(fits: dict) -> pd.DataFrame:
 
 
 def _g(x, digits=3):
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return "0" if abs(x) < 1e-12 else f"{x:.{digits}g}"  # round-off such as -4e-17 reads as 0
 
 
 def _iv(res, key, digits=3):
@@ -141,6 +143,10 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
             prm = ", ".join(f"{k} = {_g(v, 4)}{_iv(f, k)}" for k, v in f["params"].items())
             out.append(f"| {name} | {f['formula']} | {prm} | {f['rmse_log_loss']:.4f} | {f['n_points']} |")
         out.append("")
+        floorless = [name for name, f in fits["laws"].items() if 0 <= f["params"].get("E", 1.0) < 1e-6]
+        if floorless:
+            out += [f"- E went to its bound 0 in {', '.join(floorless)}: these runs show no irreducible loss "
+                    "floor, so E is not identified here", ""]
     out += ["## Compute-optimal allocation (cf. Hoffmann et al. 2022, Table 3)", "", table_md]
     ex = fits.get("extrapolation")
     if ex:
