@@ -29,10 +29,9 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     """
     warmup = min(cfg.warmup_steps, total_steps // 2)
     floor = cfg.lr * cfg.min_lr_ratio
-    peak = cfg.lr
 
     def ramp(step):
-        return peak * jnp.minimum((step + 1) / max(warmup, 1), 1.0)
+        return cfg.lr * jnp.minimum((step + 1) / max(warmup, 1), 1.0)
 
     rest = max(total_steps - warmup - 1, 1)  # the last update runs at the floor
     if cfg.schedule == "cosine":

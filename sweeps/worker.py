@@ -23,6 +23,7 @@ from typing import Any, Callable
 from sweeps.lock import LockHeld, RunLock
 from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, read_result, write_failure
 
+
 def load_train_fn(target: str) -> Callable[..., Any]:
     """Resolve ``module:function`` or ``file.py:function`` to the callable."""
     module_name, _, attr = target.rpartition(":")
