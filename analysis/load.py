@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FLOP_CONVENTIONS = ("6N", "6N+attention")
+from rundir import FLOP_CONVENTIONS
+
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 RUN_COLUMNS = (
     "run", "status", "error", "n_params_total", "n_params_nonembed", "n_params_active",

@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis import references
+from rundir import dumps_json, write_text_atomic
 
 APPROACH_NAMES = {"1": "Approach 1 (envelope)", "2": "Approach 2 (IsoFLOP)", "3": "Approach 3 (parametric)"}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def write_json(path: Path, fits: dict) -> None:
-    _atomic_write_text(path, json.dumps(_clean(fits), indent=1) + "\n")
+    write_text_atomic(path, dumps_json(fits, indent=1) + "\n")
 
 
 def compute_optimal_table(fits: dict) -> pd.DataFrame:
@@ -171,7 +148,7 @@ def write_outputs(out_dir: Path, fits: dict, figures: list[str]) -> dict:
     paths = {"fits": out_dir / "fits.json", "table_md": out_dir / "compute_optimal.md",
              "table_csv": out_dir / "compute_optimal.csv", "report": out_dir / "report.md"}  # fmt: skip
     write_json(paths["fits"], fits)
-    _atomic_write_text(paths["table_md"], md)
-    _atomic_write_text(paths["table_csv"], table.to_csv(index=False))
-    _atomic_write_text(paths["report"], report_markdown(fits, md, figures))
+    write_text_atomic(paths["table_md"], md)
+    write_text_atomic(paths["table_csv"], table.to_csv(index=False))
+    write_text_atomic(paths["report"], report_markdown(fits, md, figures))
     return {k: str(v) for k, v in paths.items()}

@@ -9,12 +9,12 @@ envelope of the curves is the compute-optimal frontier (so all three approaches 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from rundir import write_text_atomic
 from analysis.parametric import compute_optimal, predict
 
 TRUE_PARAMS = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -56,11 +56,6 @@ def isoflop_sweep(
     return pd.DataFrame(runs), pd.DataFrame(curves)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def write_sweep(sweep_dir, runs: pd.DataFrame, curves: pd.DataFrame) -> Path:
     """Write runs/curves as run directories (result.json, metrics.jsonl) per the run-directory contract."""
@@ -77,7 +72,7 @@ def write_sweep(sweep_dir, runs: pd.DataFrame, curves: pd.DataFrame) -> Path:
             if np.isfinite(c["loss"]):
                 rec["eval_loss"] = float(c["loss"])
             lines.append(json.dumps(rec))
-        _atomic_write(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+        write_text_atomic(run_dir / "metrics.jsonl", "\n".join(lines) + "\n")
         result = {
             "status": r["status"], "error": r.get("error"), "run_name": r["run"], "step": int(r["steps"]),
             "steps": int(r["steps"]), "tokens": int(r["tokens"]), "dataset_tokens": None,
@@ -89,5 +84,5 @@ def write_sweep(sweep_dir, runs: pd.DataFrame, curves: pd.DataFrame) -> Path:
             "best_eval_loss": float(r["best_eval_loss"]), "entropy_rate": None, "wall_time_s": 1.0,
             "tokens_per_s": 1.0, "hardware": {}, "versions": {},
         }  # fmt: skip
-        _atomic_write(run_dir / "result.json", json.dumps(result, indent=1))
+        write_text_atomic(run_dir / "result.json", json.dumps(result, indent=1))
     return sweep_dir

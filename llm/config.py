@@ -12,13 +12,14 @@ spec reuses it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+
+from rundir import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -131,10 +132,6 @@ class Config:
 # --------------------------------------------------------------------------- generic loading
 
 
-def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -216,7 +213,7 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
         if key not in fields:
             allowed = ", ".join(fields)
             raise ConfigError(
-                f"unknown config key '{name}'{_did_you_mean(str(key), list(fields))}; "
+                f"unknown config key '{name}'{did_you_mean(str(key), list(fields))}; "
                 f"allowed keys here: {allowed}"
             )
         kwargs[key] = _coerce(value, hints[key], name)
@@ -296,7 +293,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _one_of(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(
-            f"{name}={value!r} is not allowed{_did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}"
+            f"{name}={value!r} is not allowed{did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}"
         )
 
 

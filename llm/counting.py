@@ -16,9 +16,9 @@ FLOPs are training FLOPs per token (forward + backward) under a named convention
 
 from __future__ import annotations
 
+from rundir import FLOP_CONVENTIONS  # noqa: F401  (re-exported: counting's conventions)
 from llm.config import ModelConfig
 
-FLOP_CONVENTIONS = ("6N", "6N+attention")
 
 
 def _mlp_matrices(cfg: ModelConfig) -> int:

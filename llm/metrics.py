@@ -7,10 +7,10 @@ the analysis fits curves and the early part of a curve carries the most shape.
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any
+
+from rundir import dumps_json, write_text_atomic
 
 # Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets, no sparsity).
 # Unknown devices get MFU = null: a made-up peak would be worse than none.
@@ -51,13 +51,6 @@ def eval_steps(total_steps: int, eval_every: int) -> set[int]:
     return steps
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
 
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard if asked)."""
@@ -75,7 +68,7 @@ class MetricsLog:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record)) + "\n")
+        self._file.write(dumps_json(record, indent=None) + "\n")
         if self._tb is not None:
             step = record["step"]
             for key, value in _flatten(record).items():
@@ -113,20 +106,6 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut short by the kill
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """JSON-serialise ``data`` to ``path`` atomically."""
-    write_atomic(path, json.dumps(_clean(data), indent=2) + "\n")

@@ -27,7 +27,8 @@ from llm import counting
 from llm.checkpoint import Checkpoints
 from llm.config import Config, ConfigError, dump_config, read_yaml, to_dict, total_steps, validate
 from llm.data import load_dataset
-from llm.metrics import MetricsLog, eval_steps, peak_flops, truncate_metrics, write_atomic, write_json_atomic
+from llm.metrics import MetricsLog, eval_steps, peak_flops, truncate_metrics
+from rundir import FLOP_CONVENTIONS, read_result, write_json_atomic, write_text_atomic
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
 
@@ -167,15 +168,6 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
         )
 
 
-def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "result.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
 
 def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> RunResult:
     """Train the model described by ``cfg`` and write ``run_dir`` per the run-directory contract.
@@ -187,7 +179,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     run_dir = Path(run_dir)
     run_name = run_name or run_dir.name
     _check_same_config(run_dir, cfg)
-    previous = _read_result(run_dir)
+    previous = read_result(run_dir)
     if previous is not None and previous.get("status") == "done":
         return RunResult("done", None, run_dir, previous)
 
@@ -196,7 +188,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     steps = total_steps(cfg)
     tokens_per_step = t.batch_size * m.seq_len
     counts = counting.n_params(m)
-    flops_per_token = {c: float(counting.flops_per_token(m, c)) for c in counting.FLOP_CONVENTIONS}
+    flops_per_token = {c: float(counting.flops_per_token(m, c)) for c in FLOP_CONVENTIONS}
 
     model = Transformer(m, rngs=nnx.Rngs(t.seed))
     graphdef, params = nnx.split(model)
@@ -206,7 +198,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
 
     # Nothing was written before this point: bad input leaves the run dir untouched.
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", dump_config(cfg))
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     if previous is not None:  # a failed attempt being retried
         (run_dir / "result.json").unlink()
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=t.keep_checkpoints)

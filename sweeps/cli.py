@@ -6,11 +6,11 @@ Exit codes: 0 success, 1 a run or sweep failed, 2 bad input (config, spec, path)
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from llm.config import ConfigError
+from rundir import interrupt_on_sigterm
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from llm.training import train
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` checkpoints and stops like Ctrl-C
+    interrupt_on_sigterm()  # `kill` checkpoints and stops like Ctrl-C
     result = train(cfg, args.run_dir)
     return 0 if result.status == "done" else 1
 
@@ -255,9 +255,6 @@ def _cmd_sweep_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
 
 def _cmd_sweep_run(args: argparse.Namespace) -> int:
     from sweeps.runner import run_sweep
@@ -265,7 +262,7 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
 
     spec, raw = read_spec(args.spec, args.overrides)
     # `kill` (SIGTERM) stops the sweep like Ctrl-C: running runs are stopped cleanly and resume later.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     report = run_sweep(
         spec,
         args.out,

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun
-from sweeps.run_result import read_result
+from rundir import dumps_json, read_result, write_text_atomic
 
 STATES = ("done", "failed", "running", "interrupted", "pending")
 COLUMNS = (
@@ -28,19 +25,6 @@ COLUMNS = (
     "best_eval_loss", "wall_time_s", "run_dir",
 )
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lock_path(sweep_dir: Path, name: str) -> Path:
@@ -97,7 +81,7 @@ def write_index(sweep_dir: Path, spec_name: str, convention: str, rows: Iterable
     rows = list(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in STATES}
     index = {"sweep": spec_name, "convention": convention, "updated": time.time(), "counts": counts, "runs": rows}
-    write_text_atomic(Path(sweep_dir) / "index.json", json.dumps(index, indent=1, default=float) + "\n")
+    write_text_atomic(Path(sweep_dir) / "index.json", dumps_json(index, indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -21,6 +21,7 @@ import re
 from typing import Any, Mapping
 
 from llm.config import Config, ConfigError, ModelConfig, config_from_dict, from_dict, total_steps, tokens_per_step
+from rundir import format_duration
 from sweeps.recipe import batch_size_for_params, count_params, lr_for_params, model_for_params
 from sweeps.spec import SIZE_KEY, SweepSpec, grid_axes, isoflop_sizes
 
@@ -257,14 +258,6 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
     return runs
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
 
 def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
     """The plan table: one row per run (name, shape, N, D, C, steps, lr, batch, estimated time)."""
@@ -282,7 +275,7 @@ def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
             str(r.steps),
             f"{r.config.optim.lr:.3g}",
             str(r.config.train.batch_size),
-            _duration(r.est_time_s),
+            format_duration(r.est_time_s),
         ]
         for r in runs
     ]
@@ -291,7 +284,7 @@ def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
     total = sum(r.est_time_s for r in runs)
     lines.append(
         f"{len(runs)} runs, N = {spec.recipe.count}, total C = {sum(r.flops for r in runs):.3g} FLOPs, "
-        f"estimated {_duration(total)} one run at a time at {spec.estimate.flops_per_s:.3g} FLOP/s "
+        f"estimated {format_duration(total)} one run at a time at {spec.estimate.flops_per_s:.3g} FLOP/s "
         f"+ {spec.estimate.overhead_s:g}s per run"
     )
     return "\n".join(line.rstrip() for line in lines)

@@ -6,26 +6,18 @@ without importing the worker module, which runs as ``python -m sweeps.worker``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+
+from rundir import read_result, write_json_atomic  # noqa: F401  (read_result re-exported)
 
 EXIT_LOCKED = 75  # worker exit code: another process holds the run's lock (EX_TEMPFAIL)
 EXIT_ALREADY_DONE = 3  # worker exit code: another launch finished the run before we took its lock
 
 
-def read_result(run_dir: Path) -> dict | None:
-    """result.json of a run, or None if absent or unreadable (a run killed mid-write)."""
-    try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
 
 def write_failure(run_dir: Path, run_name: str, error: str) -> None:
     """Record a failure that happened outside train's own bookkeeping (exception, crash)."""
-    from llm.metrics import write_json_atomic
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(

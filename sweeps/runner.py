@@ -28,11 +28,12 @@ import yaml
 
 from llm.config import dump_config
 from sweeps.backends import make_backend, worker_command
-from sweeps.index import index_row, lock_path, run_state, write_index, write_text_atomic
+from sweeps.index import index_row, lock_path, run_state, write_index
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun, expand
 from sweeps.spec import SweepSpec
-from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, read_result, write_failure
+from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, write_failure
+from rundir import format_duration, read_result, write_text_atomic
 
 DEFAULT_TRAIN_FN = "llm.training:train"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -75,14 +76,6 @@ def run_env(cache_dir: Path | None) -> dict[str, str]:
     return env
 
 
-def _fmt_s(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
 
 class Progress:
     """Live one-line status on stderr: done / running / failed / queued, elapsed, ETA."""
@@ -112,8 +105,8 @@ class Progress:
             eta = left / max(1, min(parallel, len(remaining) or 1))
         line = (
             f"[sweep {self.name}] {counts.get('done', 0)}/{self.total} done, {counts.get('running', 0)} running, "
-            f"{counts.get('failed', 0)} failed, {counts.get('queued', 0)} queued | {_fmt_s(elapsed)} elapsed"
-            + (f", ETA {_fmt_s(eta)}" if remaining else "")
+            f"{counts.get('failed', 0)} failed, {counts.get('queued', 0)} queued | {format_duration(elapsed)} elapsed"
+            + (f", ETA {format_duration(eta)}" if remaining else "")
         )
         if self.tty:
             self.stream.write("\r\033[K" + line)

@@ -30,15 +30,14 @@ Expansion into runs lives in ``sweeps.plan``. Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from llm.config import Config, ConfigError, apply_overrides, config_from_dict, from_dict, read_yaml
+from rundir import FLOP_CONVENTIONS, did_you_mean
 from sweeps.recipe import Recipe
 
-FLOP_CONVENTIONS = ("6N", "6N+attention")  # same names as llm.counting.FLOP_CONVENTIONS
 SIZE_KEY = "n_params"
 
 
@@ -86,10 +85,6 @@ class SweepSpec:
     estimate: EstimateSpec = EstimateSpec()
 
 
-def _did_you_mean(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the run config (``model.d_model``, ``model.moe.top_k``, ...)."""
@@ -131,7 +126,7 @@ def _check_grid(grid: Any) -> dict[str, tuple[Any, ...]]:
     for key, values in _flatten(grid).items():
         if key not in allowed:
             raise ConfigError(
-                f"grid: unknown config key '{key}'{_did_you_mean(key, allowed)}; grid keys are dotted "
+                f"grid: unknown config key '{key}'{did_you_mean(key, allowed)}; grid keys are dotted "
                 f"config keys such as model.d_model or optim.lr, or '{SIZE_KEY}' (model size by the recipe)"
             )
         if not isinstance(values, (list, tuple)):
@@ -193,7 +188,7 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
         raise ConfigError(f"name: a sweep needs a plain folder name, got {spec.name!r}")
     if spec.convention not in FLOP_CONVENTIONS:
         raise ConfigError(
-            f"convention={spec.convention!r} is not allowed{_did_you_mean(spec.convention, FLOP_CONVENTIONS)}; "
+            f"convention={spec.convention!r} is not allowed{did_you_mean(spec.convention, FLOP_CONVENTIONS)}; "
             f"choose one of {', '.join(FLOP_CONVENTIONS)}"
         )
     if spec.base is not None and not isinstance(spec.base, Mapping):
@@ -235,7 +230,7 @@ def _check_fit_options(options: Mapping[str, Any]) -> None:
     for key in options:
         if key not in allowed:
             raise ConfigError(
-                f"unknown config key 'fit.options.{key}'{_did_you_mean(str(key), allowed)}; "
+                f"unknown config key 'fit.options.{key}'{did_you_mean(str(key), allowed)}; "
                 f"fit options are keyword arguments of analysis.fit_path: {', '.join(allowed)}"
             )
 

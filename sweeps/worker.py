@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from rundir import interrupt_on_sigterm
 from sweeps.lock import LockHeld, RunLock
 from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, read_result, write_failure
 
@@ -71,9 +71,6 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
         lock.release()
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sweeps.worker", description=__doc__.splitlines()[0])
@@ -84,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-fn", default="llm.training:train")
     args = p.parse_args(argv)
     # The sweep stops runs with SIGTERM: unwind like Ctrl-C so the lock and checkpoints close cleanly.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_sigterm()
     return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm.config import ConfigError
+from rundir import write_bytes_atomic
 from llm.data.tokenizers import BPE_VERSION, ByteTokenizer, train_bpe
 
 FORMAT_VERSION = "1"
@@ -56,16 +57,6 @@ def doc_unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def unigram_entropy(ids: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
@@ -210,7 +201,7 @@ def _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fractio
             folder / files[split], docs, tok, dtype, progress, f"tokenising {source} ({split})"
         )
     train_ids = np.memmap(folder / files["train"], dtype=dtype, mode="r") if tokens["train"] else np.zeros(0, dtype)
-    atomic_write_bytes(
+    write_bytes_atomic(
         folder / f"{key}.docs.json",
         json.dumps({"train": [k for k, _ in train_docs], "eval": [k for k, _ in eval_docs]}).encode(),
     )
@@ -232,5 +223,5 @@ def _prepare(source, fingerprint, documents, tokenizer, vocab_size, eval_fractio
     }
     if tokenizer == "bpe":
         manifest["tokenizer"]["file"] = str(cache_dir / "tokenizers" / f"bpe-{tok.hash}.json")
-    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
     return manifest
