@@ -8,7 +8,7 @@ Appendix D.2: minimise over (a, b, e, alpha, beta), with A = exp(a), B = exp(b),
 with L-BFGS from the grid alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
 a, b in {0, 5, ..., 25} (4,500 starts), keeping the best. The Huber terms are SUMMED:
 Besiroglu et al. 2024 showed that averaging them made the original L-BFGS stop early
-(alpha/(alpha+beta) ~ 0.46 instead of ~ 0.51 on the same data). Our optimiser's stopping
+(N_opt exponent a = beta/(alpha+beta) ~ 0.46 instead of ~ 0.51 on the same data). Our optimiser's stopping
 tests are scale-invariant, so summing and averaging give the same optimum; we sum anyway.
 """
 
@@ -86,10 +86,6 @@ def params_from_theta(theta) -> dict[str, float]:
     """(a, b, e, alpha, beta) -> {"E", "A", "B", "alpha", "beta"}."""
     a, b, e, alpha, beta = (float(v) for v in theta)
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": alpha, "beta": beta}
-
-
-def theta_from_params(params) -> np.ndarray:
-    return np.array([np.log(params["A"]), np.log(params["B"]), np.log(params["E"]), params["alpha"], params["beta"]])
 
 
 def compute_optimal(params, flops, flops_per_token=(6.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """chinchax.llm: the model, data, training loop and parameter/FLOP counters.
 
-Public face (see ARCHITECTURE): ``train(config, run_dir) -> RunResult``,
+Public face (all that ``sweeps`` may call): ``train(config, run_dir) -> RunResult``,
 ``evaluate(...)``, the config dataclasses in ``llm.config`` and the counters in
 ``llm.counting``. ``llm`` never imports ``sweeps`` or ``analysis``.
 """

@@ -1,6 +1,6 @@
 """Parameter and FLOP counts of a ModelConfig, exact, from the config alone.
 
-Notation (ARCHITECTURE.md): N = parameters, counted as
+Notation (as in configs, result.json and plots): N = parameters, counted as
   n_params_total            every parameter, all experts included
   n_params_embed            token embedding + unembedding (once if tied)
   n_params_nonembed         total - embed (Kaplan et al. 2020's N)

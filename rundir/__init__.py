@@ -2,8 +2,8 @@
 atomic writes, JSON cleaning, durations and the SIGTERM handler.
 
 Standard library only, and imports nothing else of the project: ``llm``, ``sweeps``
-and ``analysis`` all import it without breaking the layering (see ARCHITECTURE in
-the project's design notes: llm and analysis never import each other).
+and ``analysis`` all import it without breaking the layering (llm and analysis never
+import each other; this module is the one place both may share).
 """
 
 from __future__ import annotations
