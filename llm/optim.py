@@ -25,7 +25,8 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
     Warmup update ``s`` runs at ``lr * (s + 1) / warmup``: the first update is never
     wasted at lr = 0. Warmup is capped at half the run, so a run shorter than twice
-    ``warmup_steps`` still decays to its floor instead of ending mid-ramp.
+    ``warmup_steps`` still decays to its floor instead of ending mid-ramp. This holds
+    down to one step: a 2-step cosine run updates at (lr, floor), a 1-step run at the floor.
     """
     warmup = min(cfg.warmup_steps, total_steps // 2)
     floor = cfg.lr * cfg.min_lr_ratio
@@ -33,8 +34,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     def ramp(step):
         return cfg.lr * jnp.minimum((step + 1) / max(warmup, 1), 1.0)
 
-    rest = max(total_steps - warmup - 1, 1)  # the last update runs at the floor
-    if cfg.schedule == "cosine":
+    rest = total_steps - warmup - 1  # decay steps: the last update runs at the floor
+    if rest < 1 and cfg.schedule != "constant":
+        tail = optax.constant_schedule(floor)  # a 1-2 step run: its one post-warmup update is the last
+    elif cfg.schedule == "cosine":
         tail = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "wsd":
         decay = max(int(round(cfg.decay_fraction * rest)), 1)

@@ -67,6 +67,19 @@ def test_wsd_schedule_is_flat_then_decays_linearly():
     assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_runs_of_one_to_three_steps_follow_the_documented_schedule(schedule):
+    # warmup = min(50, steps // 2); warmup update s runs at lr * (s + 1) / warmup; the last at the floor 0.1
+    cfg = load_config(None, [f"optim.schedule={schedule}", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]).optim
+    expected = {1: [0.1], 2: [1.0, 0.1], 3: [1.0, 1.0, 0.1]}
+    for steps, lrs in expected.items():
+        lr = learning_rate_schedule(cfg, steps)
+        assert [float(lr(s)) for s in range(steps)] == pytest.approx(lrs, rel=1e-6), steps
+    no_warmup = load_config(None, [f"optim.schedule={schedule}", "optim.lr=1.0", "optim.warmup_steps=0"]).optim
+    assert [float(learning_rate_schedule(no_warmup, 2)(s)) for s in range(2)] == pytest.approx([1.0, 0.1])
+    assert float(learning_rate_schedule(no_warmup, 1)(0)) == pytest.approx(0.1)
+
+
 def test_eval_steps_are_log_spaced_early_then_regular():
     assert eval_steps(100, 20) == {1, 2, 4, 8, 16, 20, 40, 60, 80, 100}
     assert eval_steps(5, 100) == {1, 2, 4, 5}
