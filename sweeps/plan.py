@@ -7,8 +7,10 @@ isoflop step count. Sweeps always switch the per-run progress bar off (the sweep
 draws its own), which does not change the run's identity.
 
 A run's name is a readable prefix of what varies (budget, N, D, other axes) and a
-short hash of its resolved config, so the same spec always maps to the same run
-directories and a changed config never reuses an old run's directory.
+short hash of everything in its resolved config that can change its numbers (measured
+against a frozen record of the defaults, so a default changed in code is a new run), so the
+same spec always maps to the same run directories and a changed config never reuses an old
+run's directory.
 """
 
 from __future__ import annotations
@@ -80,16 +82,69 @@ def config_changes(cfg: Any, default: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_hash(cfg: Config) -> str:
-    """Short hash of what a resolved config changes from the defaults.
+# Run identity is measured against this FROZEN record of the config defaults as they were
+# when run names were introduced, never against the live defaults: a default changed in code
+# then shows up as a difference, so a "done" run trained under the old value is not reused,
+# while names made under these values stay the same. Every field that exists must be listed:
+# a new field goes in with the value that reproduces runs trained before it existed (its
+# "off" value, not necessarily its new default); a field missing here always counts, so
+# names stay correct, only less stable (tests/test_sweep_identity.py checks the coverage).
+# An optional section (model.moe) is None when off and "on" when set, then its own keys count.
+IDENTITY_BASELINE: dict[str, Any] = {
+    "model.d_model": 128, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": None,
+    "model.d_ff": 512, "model.vocab_size": 256, "model.seq_len": 128, "model.mlp": "swiglu",
+    "model.tie_embeddings": False, "model.rope_theta": 10000.0, "model.norm_eps": 1e-6,
+    "model.init_std": 0.02, "model.compute_dtype": "bfloat16", "model.param_dtype": "float32",
+    "model.remat": False, "model.moe": None,
+    "model.moe.n_experts": 8, "model.moe.top_k": 2, "model.moe.every": 1, "model.moe.d_ff_expert": None,
+    "model.moe.n_shared": 0, "model.moe.capacity_factor": None, "model.moe.grouped_matmul": "ragged_dot",
+    "model.moe.load_balance_coef": 0.01, "model.moe.router_z_coef": 0.001,
+    "data.source": "builtin:english", "data.tokenizer": "bytes", "data.seed": 0, "data.dataset_tokens": None,
+    "data.eval_fraction": 0.01, "data.cache_dir": None, "data.tfds_data_dir": None,
+    "data.tfds_manual_dir": None, "data.tfds_split": "train", "data.text_key": "text",
+    "data.markov_alpha": 0.3, "data.markov_support": 16,
+    "optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 50, "optim.min_lr_ratio": 0.1,
+    "optim.decay_fraction": 0.2, "optim.weight_decay": 0.1, "optim.b1": 0.9, "optim.b2": 0.95,
+    "optim.eps": 1e-8, "optim.grad_clip": 1.0, "optim.z_loss_coef": 0.0,
+    "train.batch_size": 16, "train.grad_accum": 1, "train.steps": None, "train.tokens": 2_000_000,
+    "train.seed": 0, "train.eval_every": 100, "train.eval_tokens": 32768, "train.log_every": 10,
+    "train.checkpoint_every": 200, "train.keep_checkpoints": 2, "train.tensorboard": True,
+}  # fmt: skip
+# Keys that only change what is displayed, never a number a run produces. Kept to the one
+# key that never counted, so names stay stable; when in doubt a key counts.
+COSMETIC_KEYS = frozenset({"train.progress"})
 
-    Hashing the changes rather than the whole config keeps run names (and so finished
-    runs) valid when a later version adds a config field with a default. The progress
-    bar is cosmetic and does not count.
+
+def flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf values of a config; an optional section is None when off, "on" plus its keys when set."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if f.default is None:  # optional section switched on
+                out[key] = "on"
+            out.update(flat_config(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+def identity_changes(cfg: Config) -> dict[str, Any]:
+    """What a resolved config changes from IDENTITY_BASELINE (cosmetic keys left out)."""
+    return {
+        key: value
+        for key, value in flat_config(cfg).items()
+        if key not in COSMETIC_KEYS and (key not in IDENTITY_BASELINE or IDENTITY_BASELINE[key] != value)
+    }
+
+
+def config_hash(cfg: Config) -> str:
+    """Short hash of everything in a resolved config that can change a run's numbers.
+
+    It hashes the differences from IDENTITY_BASELINE (frozen), so a changed default in
+    code gives new run names while names made under the recorded defaults stay valid.
     """
-    changes = config_changes(cfg, Config())
-    changes.pop("train.progress", None)
-    blob = json.dumps(changes, sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(identity_changes(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
