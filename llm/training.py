@@ -25,7 +25,8 @@ from flax import nnx
 
 from llm import counting
 from llm.checkpoint import Checkpoints
-from llm.config import Config, ConfigError, dump_config, read_yaml, to_dict, total_steps, validate
+from llm.config import Config, ConfigError, dump_config, total_steps, validate
+from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.metrics import MetricsLog, eval_steps, peak_flops, truncate_metrics
 from rundir import FLOP_CONVENTIONS, read_result, write_json_atomic, write_text_atomic
@@ -176,6 +177,8 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     when result.json already says done). Bad input raises ConfigError before anything is written.
     """
     validate(cfg)
+    from llm.memory import check_fits  # a model that cannot fit is refused before anything is built or written
+    check_fits(cfg)
     run_dir = Path(run_dir)
     run_name = run_name or run_dir.name
     _check_same_config(run_dir, cfg)
