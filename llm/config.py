@@ -5,26 +5,21 @@ One ``Config`` fully describes a training run: ``model``, ``data``, ``optim`` an
 ``ConfigError`` with a one-line message naming the key (and a did-you-mean), so
 the command line can exit with status 2 before anything touches the disk.
 
-The loader (``from_dict``) is generic over frozen dataclasses, so the sweep
-spec reuses it.
+The strict loader itself (YAML, overrides, ``from_dict``, ``ConfigError``) lives in
+``llm.typed_yaml``, shared with the sweep spec; this module holds the run config only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+# ConfigError is re-exported: most of llm catches it from here.
+from llm.typed_yaml import ConfigError, apply_overrides, deep_copy, from_dict, read_yaml, to_dict
 from rundir import did_you_mean
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key."""
-
 
 # --------------------------------------------------------------------------- sections
 
@@ -129,158 +124,6 @@ class Config:
     train: TrainConfig = TrainConfig()
 
 
-# --------------------------------------------------------------------------- generic loading
-
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        concrete = [o for o in options if o is not type(None)]
-        if len(concrete) == 1:
-            # Optional[X]: X's own error names the bad key (e.g. a typo inside model.moe).
-            return _coerce(value, concrete[0], where)
-        for option in concrete:
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                pass
-        names = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{where}: expected {names}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if value is None:
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got null")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is Any:
-        return value
-    if isinstance(value, str) and tp in (int, float):
-        value = _number_from_string(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-            return int(value)  # YAML reads 1e6 as a float
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp!r}")
-
-
-def _number_from_string(text: str) -> Any:
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
-    """Build the frozen dataclass ``cls`` from a nested mapping; unknown keys are errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            allowed = ", ".join(fields)
-            raise ConfigError(
-                f"unknown config key '{name}'{did_you_mean(str(key), list(fields))}; "
-                f"allowed keys here: {allowed}"
-            )
-        kwargs[key] = _coerce(value, hints[key], name)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain-dict form of a config dataclass (YAML/JSON ready)."""
-    return dataclasses.asdict(cfg)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.d_model=256)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{item}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML scalars)."""
-    data = _deep_copy(data)
-    for item in overrides:
-        path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = {}
-                node[part] = child
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of config sections")
-    return data
-
-
 # --------------------------------------------------------------------------- the run config
 
 
@@ -297,38 +140,67 @@ def _one_of(name: str, value: str, allowed: Sequence[str]) -> None:
         )
 
 
-def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# The allowed range of every numeric field (None, where allowed, means "off" and is
+# not checked). A new numeric field needs a line here: tests/test_config.py feeds
+# NaN, inf and -1 to every one. NaN fails every rule, as it fails every comparison.
+RANGES: dict[str, str] = {
+    "model.d_model": "> 0", "model.n_layers": "> 0", "model.n_heads": "> 0", "model.n_kv_heads": "> 0",
+    "model.d_ff": "> 0", "model.vocab_size": "> 0", "model.seq_len": "> 0",
+    "model.rope_theta": "> 0", "model.norm_eps": "> 0", "model.init_std": "> 0",
+    "model.moe.n_experts": "> 0", "model.moe.top_k": "> 0", "model.moe.every": "> 0", "model.moe.d_ff_expert": "> 0",
+    "model.moe.n_shared": ">= 0", "model.moe.capacity_factor": "> 0",
+    "model.moe.load_balance_coef": ">= 0", "model.moe.router_z_coef": ">= 0",
+    "data.seed": "in [0, 2**63)", "data.dataset_tokens": "> 0", "data.eval_fraction": "in (0, 1)",
+    "data.markov_alpha": "> 0", "data.markov_support": ">= 2",
+    "optim.lr": "> 0", "optim.warmup_steps": ">= 0", "optim.min_lr_ratio": "in [0, 1]",
+    "optim.decay_fraction": "in [0, 1]", "optim.weight_decay": ">= 0",
+    "optim.b1": "in [0, 1)", "optim.b2": "in [0, 1)",  # Adam's moment decays: 1 never forgets the first gradient
+    "optim.eps": "> 0", "optim.grad_clip": "> 0", "optim.z_loss_coef": ">= 0",
+    "train.batch_size": "> 0", "train.grad_accum": "> 0", "train.steps": "> 0", "train.tokens": "> 0",
+    "train.seed": "in [0, 2**63)",  # jax.random keys take a C long
+    "train.eval_every": "> 0", "train.eval_tokens": "> 0", "train.log_every": "> 0",
+    "train.checkpoint_every": "> 0", "train.keep_checkpoints": "> 0",
+}  # fmt: skip
+
+_RULES = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 2": lambda v: v >= 2,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 2**63)": lambda v: 0 <= v < 2**63,
+}
+
+
+def _field(cfg: Any, dotted: str) -> Any:
+    """Value of ``model.moe.top_k`` etc.; None when a section on the way is off (model.moe: null)."""
+    value = cfg
+    for part in dotted.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value
 
 
 def validate(cfg: Config) -> Config:
-    """Check cross-field constraints; return ``cfg`` unchanged or raise ConfigError."""
+    """Check every numeric range, then cross-field constraints; return ``cfg`` unchanged or raise ConfigError."""
+    for key, rule in RANGES.items():
+        value = _field(cfg, key)
+        if value is not None and not _RULES[rule](value):
+            raise ConfigError(f"{key} must be {rule}, got {value}")
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for name in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "seq_len"):
-        _positive(f"model.{name}", getattr(m, name))
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even for rotary positions")
-    if m.n_kv_heads is not None:
-        _positive("model.n_kv_heads", m.n_kv_heads)
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     _one_of("model.mlp", m.mlp, _MLPS)
     _one_of("model.compute_dtype", m.compute_dtype, _DTYPES)
     _one_of("model.param_dtype", m.param_dtype, _DTYPES)
     if m.moe is not None:
         e = m.moe
-        _positive("model.moe.n_experts", e.n_experts)
-        _positive("model.moe.every", e.every)
-        _positive("model.moe.d_ff_expert", e.d_ff_expert)
-        _positive("model.moe.n_shared", e.n_shared, allow_zero=True)
-        _positive("model.moe.capacity_factor", e.capacity_factor)
-        _positive("model.moe.load_balance_coef", e.load_balance_coef, allow_zero=True)
-        _positive("model.moe.router_z_coef", e.router_z_coef, allow_zero=True)
         _one_of("model.moe.grouped_matmul", e.grouped_matmul, ("ragged_dot", "blocked"))
         if not 1 <= e.top_k <= e.n_experts:
             raise ConfigError(f"model.moe.top_k={e.top_k} must be between 1 and n_experts={e.n_experts}")
@@ -349,36 +221,17 @@ def validate(cfg: Config) -> Config:
             "tfds:<name>[/<config>] or synthetic:<name>"
         )
     _one_of("data.source scheme", d.source.split(":", 1)[0], ("builtin", "text", "tfds", "synthetic"))
-    _positive("data.dataset_tokens", d.dataset_tokens)
-    _positive("data.markov_alpha", d.markov_alpha)
-    if d.markov_support < 2:
-        raise ConfigError(f"data.markov_support must be >= 2, got {d.markov_support}")
-    if not 0 < d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
-    _positive("optim.lr", o.lr)
     _one_of("optim.schedule", o.schedule, _SCHEDULES)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    if not 0 <= o.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
-    _positive("optim.grad_clip", o.grad_clip)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.z_loss_coef", o.z_loss_coef, allow_zero=True)
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens", "log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive(f"train.{name}", getattr(t, name))
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if (t.steps is None) == (t.tokens is None):
         raise ConfigError("set exactly one of train.steps and train.tokens (the other to null)")
-    _positive("train.steps", t.steps)
-    _positive("train.tokens", t.tokens)
     return cfg
 
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     """Typed, validated ``Config`` from a nested mapping."""
-    data = _deep_copy(dict(data or {}))
+    data = deep_copy(dict(data or {}))
     # Setting one of steps/tokens switches the other off, so `train.steps=100` just works.
     train = data.get("train")
     if isinstance(train, dict):

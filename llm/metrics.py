@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm.typed_yaml import flatten
 from rundir import dumps_json, write_text_atomic
 
 # Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets, no sparsity).
@@ -71,7 +72,7 @@ class MetricsLog:
         self._file.write(dumps_json(record, indent=None) + "\n")
         if self._tb is not None:
             step = record["step"]
-            for key, value in _flatten(record).items():
+            for key, value in flatten(record, sep="/").items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
 
@@ -79,16 +80,6 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

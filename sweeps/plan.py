@@ -22,7 +22,8 @@ import json
 import re
 from typing import Any, Mapping
 
-from llm.config import Config, ConfigError, ModelConfig, config_from_dict, from_dict, total_steps, tokens_per_step
+from llm.config import Config, ConfigError, ModelConfig, config_from_dict, total_steps, tokens_per_step
+from llm.typed_yaml import deep_copy, from_dict
 from rundir import format_duration
 from sweeps.recipe import batch_size_for_params, count_params, lr_for_params, model_for_params
 from sweeps.spec import SIZE_KEY, SweepSpec, grid_axes, isoflop_sizes
@@ -186,14 +187,6 @@ def _has(data: Mapping[str, Any], dotted: str) -> bool:
     return True
 
 
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
 def _points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Cartesian product of the spec's axes, each point a dict of axis values."""
     grid = grid_axes(spec)
@@ -221,12 +214,12 @@ def _describe(point: Mapping[str, Any]) -> str:
 
 def resolve(spec: SweepSpec, point: Mapping[str, Any]) -> tuple[Config, int | None]:
     """The resolved config of one point (and, for isoflop points, the run's step count)."""
-    base = _deep_copy(spec.base or {})
-    data = _deep_copy(base)
+    base = deep_copy(spec.base or {})
+    data = deep_copy(base)
     recipe = spec.recipe
     explicit = {k: v for k, v in point.items() if k not in ("budget", SIZE_KEY)}
     for key, value in explicit.items():
-        _set(data, key, _deep_copy(value))
+        _set(data, key, deep_copy(value))
     # train.tokens from an axis switches train.steps off, and vice versa.
     if "train.tokens" in explicit and "train.steps" not in explicit:
         _set(data, "train.steps", None)

@@ -10,7 +10,7 @@ mapping) and axes whose cartesian product gives the runs:
 * ``dataset_tokens``: sizes of the unique training pool, for repeated-data runs.
 
 ``fit`` asks for ``chinchax fit`` on the sweep directory once the runs are done.
-Unknown keys anywhere are errors with a did-you-mean (``llm.config.from_dict``).
+Unknown keys anywhere are errors with a did-you-mean (``llm.typed_yaml.from_dict``).
 Expansion into runs lives in ``sweeps.plan``. Example::
 
     name: my_sweep                 # default: the file name; sweep dir sweeps_out/<name>
@@ -34,7 +34,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from llm.config import Config, ConfigError, apply_overrides, config_from_dict, from_dict, read_yaml
+from llm.config import Config, config_from_dict
+from llm.typed_yaml import ConfigError, apply_overrides, flatten, from_dict, read_yaml
 from rundir import FLOP_CONVENTIONS, did_you_mean
 from sweeps.recipe import Recipe
 
@@ -104,18 +105,6 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _flatten(grid: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": [..]}}`` and ``{"optim.lr": [..]}`` both mean the key optim.lr."""
-    flat: dict[str, Any] = {}
-    for key, value in grid.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _check_grid(grid: Any) -> dict[str, tuple[Any, ...]]:
     if grid is None:
         return {}
@@ -123,7 +112,8 @@ def _check_grid(grid: Any) -> dict[str, tuple[Any, ...]]:
         raise ConfigError(f"grid: expected a mapping of config keys to lists of values, got {grid!r}")
     allowed = config_keys() + [SIZE_KEY]
     out = {}
-    for key, values in _flatten(grid).items():
+    # {"optim": {"lr": [..]}} and {"optim.lr": [..]} both mean the key optim.lr.
+    for key, values in flatten(grid).items():
         if key not in allowed:
             raise ConfigError(
                 f"grid: unknown config key '{key}'{did_you_mean(key, allowed)}; grid keys are dotted "

@@ -71,3 +71,93 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+# --------------------------------------------------------------------------- numeric ranges
+
+
+def _numeric_keys() -> list[str]:
+    """Every int/float leaf of the run config (Optional ones included), as dotted keys."""
+    import dataclasses
+    import typing
+
+    keys = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if any(dataclasses.is_dataclass(a) for a in args):
+                walk(args[0], f"{prefix}{f.name}.")
+            elif any(a in (int, float) for a in args):
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Config, "")
+    return keys
+
+
+def test_numeric_keys_cover_every_section():
+    keys = _numeric_keys()
+    for key in ("model.rope_theta", "model.moe.capacity_factor", "data.seed", "optim.b2", "train.keep_checkpoints"):
+        assert key in keys
+    assert len(keys) > 40
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf", "-1"])
+def test_every_numeric_field_has_a_range(key, value):
+    # A new numeric field without a range in validate() fails here: no field of the
+    # run config means anything by NaN, infinity or a negative number.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={value}"])
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.b1=1.5"], "optim.b1 must be in [0, 1), got 1.5"),
+        (["optim.b2=1"], "optim.b2 must be in [0, 1), got 1.0"),
+        (["optim.lr=nan"], "optim.lr: expected a finite number, got nan"),
+        (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
+        (["optim.grad_clip=nan"], "optim.grad_clip: expected a finite number"),
+        (["optim.eps=0"], "optim.eps must be > 0"),
+        (["model.rope_theta=0"], "model.rope_theta must be > 0, got 0.0"),
+        (["model.norm_eps=0"], "model.norm_eps must be > 0"),
+        (["model.init_std=0"], "model.init_std must be > 0"),
+        (["model.moe.capacity_factor=0"], "model.moe.capacity_factor must be > 0"),
+        (["model.moe.n_experts=0"], "model.moe.n_experts must be > 0"),
+        (["data.markov_support=1"], "data.markov_support must be >= 2, got 1"),
+        (["data.eval_fraction=1"], "data.eval_fraction must be in (0, 1), got 1.0"),
+        (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+        (["train.seed=-1"], "train.seed must be in [0, 2**63), got -1"),
+        (["data.seed=9223372036854775808"], "data.seed must be in [0, 2**63)"),
+        (["model.n_heads=0"], "model.n_heads must be > 0, got 0"),
+    ],
+)
+def test_ranges_name_the_key_and_the_bound(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_edges_of_ranges_are_allowed():
+    cfg = load_config(None, ["optim.b1=0", "optim.weight_decay=0", "optim.warmup_steps=0", "optim.min_lr_ratio=1",
+                             "model.moe.n_shared=0", "model.moe.load_balance_coef=0", "train.seed=0", "optim.grad_clip=null"])
+    assert cfg.optim.b1 == 0.0 and cfg.optim.grad_clip is None
+
+
+def test_non_finite_numbers_in_a_file_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number, got inf"):
+        load_config(path)
+
+
+def test_cli_train_nan_is_one_line_and_exit_2(tmp_path, capsys):
+    from sweeps.cli import main
+
+    assert main(["train", "optim.b2=nan", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "optim.b2" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
