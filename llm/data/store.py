@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm.config import ConfigError
-from rundir import write_bytes_atomic
+from rundir import WriteError, write_bytes_atomic
 from llm.data.tokenizers import BPE_VERSION, ByteTokenizer, train_bpe
 
 FORMAT_VERSION = "1"
@@ -55,8 +55,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def doc_unit(key: str) -> float:
     """A document's fixed pseudo-random number in [0, 1), from its key."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
-
-
 
 
 def unigram_entropy(ids: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
@@ -94,12 +92,15 @@ def split_documents(docs: Iterable[tuple[str, str]], eval_fraction: float, sourc
 
 
 def _write_tokens(path: Path, docs, tokenizer, dtype, progress: bool, desc: str) -> tuple[int, int]:
-    """Encode documents into ``path`` (atomically); returns (tokens, text bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    """Encode documents into ``path`` (atomically); returns (tokens, text bytes).
+
+    Streamed (a corpus may not fit in memory), so not through rundir's writers; the temp file is
+    opened like they open theirs (mode 0666 & ~umask, shareable) and removed on any failure.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     n_tokens = n_bytes = 0
     try:
-        with os.fdopen(fd, "wb") as f, tqdm(
+        with open(tmp, "xb") as f, tqdm(
             total=len(docs), desc=desc, unit="doc", disable=not progress, delay=2.0, leave=False
         ) as bar:
             for i in range(0, len(docs), _BATCH_DOCS):
@@ -111,28 +112,46 @@ def _write_tokens(path: Path, docs, tokenizer, dtype, progress: bool, desc: str)
                 n_tokens += ids.size
                 n_bytes += sum(len(t.encode("utf-8")) for t in texts)
                 bar.update(len(texts))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror or err}") from err
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
     return n_tokens, n_bytes
 
 
 @contextlib.contextmanager
 def _exclusive(path: Path):
-    """Hold an advisory lock on ``path`` so parallel runs prepare a corpus once, not n times."""
+    """Hold an advisory lock on ``path`` so parallel runs prepare a corpus once, not n times.
+
+    The lock file is removed when the holder is done (or failed). A waiter may have opened it
+    before the removal and then hold a lock on a file nobody else sees, so after locking it
+    checks that ``path`` is still the file it locked, and otherwise starts again.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: concurrent prepares still end in identical, atomically renamed files
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    while True:
+        f = open(path, "a")
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(f.fileno()).st_ino:
+                continue  # removed (and maybe recreated) by the previous holder: lock the live one
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # still holding the lock: no one can be past this check on it
+            return
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()  # closing releases the lock
 
 
 def _complete(manifest_path: Path) -> dict | None:
@@ -170,6 +189,13 @@ def prepare_text(
     manifest = _complete(manifest_path)
     if manifest is not None:
         return manifest, folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"data cache {folder}: cannot create it ({err.strerror or err}); set data.cache_dir "
+            "(or $CHINCHAX_CACHE) to a writable folder"
+        ) from err
     with _exclusive(folder / f"{key}.lock"):
         manifest = _complete(manifest_path)  # another process may have finished meanwhile
         if manifest is None:

@@ -12,12 +12,12 @@ decoder) is trained on the training documents only and cached as JSON under
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from rundir import write_text_atomic
 
 # Bump when training settings change: part of the BPE cache key.
 BPE_VERSION = "1"
@@ -116,13 +116,5 @@ def train_bpe(
         show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, tok.to_str(pretty=True))  # what tok.save writes, with shareable modes
     return BPETokenizer(tok, key)
