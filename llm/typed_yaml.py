@@ -71,8 +71,8 @@ def load_yaml_text(text: str, where: str) -> Any:
             raise ConfigError(f"{where}: {err}") from None
         if total - len(memo) > MAX_ALIAS_NODES:
             raise ConfigError(
-                f"{where}: YAML aliases would expand this document to {total:,} nodes "
-                f"(aliases may add at most {MAX_ALIAS_NODES:,}); write the values out instead of nesting aliases"
+                f"{where}: YAML aliases would expand this document past {MAX_ALIAS_NODES:,} nodes "
+                "(a 'billion laughs' file?); write the values out instead of nesting aliases"
             )
         return loader.construct_document(node)
     except RecursionError:
