@@ -26,10 +26,18 @@ def _mlp_matrices(cfg: ModelConfig) -> int:
     return 3 if cfg.mlp == "swiglu" else 2
 
 
+def is_moe_block(cfg: ModelConfig, i: int) -> bool:
+    """Whether block i (0-based) carries the routed MoE layer in its MLP slot.
+
+    The one home of this rule: ``llm.model`` builds blocks with it and the counts
+    below use it. Blocks every-1, 2*every-1, ... are MoE; a trailing remainder of
+    n_layers % every blocks stays dense.
+    """
+    return cfg.moe is not None and (i + 1) % cfg.moe.every == 0
+
+
 def _moe_layers(cfg: ModelConfig) -> int:
-    if cfg.moe is None:
-        return 0
-    return sum(1 for i in range(cfg.n_layers) if (i + 1) % cfg.moe.every == 0)
+    return sum(1 for i in range(cfg.n_layers) if is_moe_block(cfg, i))
 
 
 def _d_ff_expert(cfg: ModelConfig) -> int:

@@ -9,8 +9,8 @@ with no hidden RNG or mutable collections: this module holds nothing but
 
 Architecture: token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x))]
 -> RMSNorm -> unembedding (tied to the embedding or separate). Rotary positions,
-grouped-query attention, SwiGLU or GELU MLP. When ``cfg.moe`` is set, blocks i with
-(i + 1) % moe.every == 0 use the routed MoE layer (llm.moe) in the MLP slot.
+grouped-query attention, SwiGLU or GELU MLP. When ``cfg.moe`` is set, the blocks that
+``llm.counting.is_moe_block`` names use the routed MoE layer (llm.moe) in the MLP slot.
 
 Precision: parameters in ``param_dtype`` (float32); activations and matmuls in
 ``compute_dtype`` (bfloat16 by default); RMSNorm, RoPE, router, logits and every loss
@@ -25,13 +25,9 @@ from flax import nnx
 
 from llm.attention import Attention
 from llm.config import ModelConfig
+from llm.counting import is_moe_block
 from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
 from llm.moe import MoE
-
-
-def is_moe_block(cfg: ModelConfig, i: int) -> bool:
-    """Whether block i (0-based) carries the routed MoE layer in its MLP slot."""
-    return cfg.moe is not None and (i + 1) % cfg.moe.every == 0
 
 
 class Block(nnx.Module):

@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 
 from llm.config import ModelConfig, MoEConfig
-from llm.counting import FLOP_CONVENTIONS, flops_per_token, mfu_flops_per_token, n_params
+from llm.counting import FLOP_CONVENTIONS, flops_per_token, is_moe_block, mfu_flops_per_token, n_params
 from llm.model import Transformer
+from llm.moe import MoE
 
 DENSE = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, seq_len=32)
 TIED_GQA_GELU = ModelConfig(
@@ -36,7 +37,18 @@ def _instantiated_params(cfg):
     return total, embed
 
 
-@pytest.mark.parametrize("cfg", [DENSE, TIED_GQA_GELU, MOE, MOE_SWIGLU_CAPACITY])
+def _moe_shape(n_layers, every, top_k=2, n_shared=0, mlp="swiglu"):
+    return ModelConfig(
+        d_model=32, n_layers=n_layers, n_heads=2, d_ff=48, vocab_size=64, seq_len=8, mlp=mlp,
+        moe=MoEConfig(n_experts=4, top_k=top_k, every=every, d_ff_expert=40, n_shared=n_shared),
+    )
+
+
+# every = 2 and 3 with n_layers not a multiple of it: a dense tail after the last MoE block.
+EVERY_SHAPES = [_moe_shape(5, 2), _moe_shape(4, 3, top_k=1, mlp="gelu"), _moe_shape(7, 3, n_shared=1), _moe_shape(2, 3)]
+
+
+@pytest.mark.parametrize("cfg", [DENSE, TIED_GQA_GELU, MOE, MOE_SWIGLU_CAPACITY, *EVERY_SHAPES])
 def test_n_params_matches_instantiated_model(cfg):
     total, embed = _instantiated_params(cfg)
     counts = n_params(cfg)
@@ -44,6 +56,25 @@ def test_n_params_matches_instantiated_model(cfg):
     assert counts["n_params_embed"] == embed
     assert counts["n_params_nonembed"] == total - embed
     assert all(isinstance(v, int) for v in counts.values())
+
+
+@pytest.mark.parametrize("cfg", [MOE, MOE_SWIGLU_CAPACITY, *EVERY_SHAPES])
+def test_moe_blocks_and_active_params_match_built_model(cfg):
+    """The model's MoE blocks are the ones is_moe_block names; active N from the real leaves."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    built = [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, MoE)]
+    assert built == [i for i in range(cfg.n_layers) if is_moe_block(cfg, i)]
+    assert built == list(range(cfg.moe.every - 1, cfg.n_layers, cfg.moe.every))
+    # A token uses top_k of the n_experts slices of each routed expert weight [E, ...].
+    total, _ = _instantiated_params(cfg)
+    unused = 0
+    for i in built:
+        experts = nnx.state(model.blocks[i].mlp, nnx.Param)
+        for name, leaf in experts.items():
+            if name.startswith("w_") and leaf.shape[0] == cfg.moe.n_experts:
+                unused += int(np.prod(leaf.shape)) // cfg.moe.n_experts * (cfg.moe.n_experts - cfg.moe.top_k)
+    assert (unused > 0) == bool(built)  # n_layers < every: no MoE block, active = total
+    assert n_params(cfg)["n_params_active"] == total - unused
 
 
 def test_n_params_dense_by_hand():
