@@ -23,6 +23,7 @@ def fit_path(
     path, out_dir=None, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
     interpolate="auto", flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000,
     seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
+    include_stale=False,
 ) -> dict:  # fmt: skip
     """Fit Chinchilla approaches and Kaplan laws to a sweep/run directory or a CSV/Parquet table.
 
@@ -38,8 +39,10 @@ def fit_path(
     flops: "auto", "6N", "6N+attention" or "6ND" (derive C = 6 N D). n_params: the N column. loss: final_eval_loss or best_eval_loss.
     exclude: run names to leave out. n_bootstrap: resamples of runs (0: none).
     holdout_flops: compute threshold of the extrapolation check (default: largest budget held out).
+    include_stale: in a sweep directory, also fit run folders its index.json does not list (by
+    default they are left out with a warning: they belong to an earlier version of the spec).
     """
-    runs, curves = load_runs(path)
+    runs, curves = load_runs(path, include_stale=include_stale)
     pts = prepare(runs, curves, flops=flops, n_params=n_params, loss=loss, exclude=exclude)
     fits = fit_points(
         pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
@@ -49,6 +52,7 @@ def fit_path(
     fits["source"] = str(path)
     fits["exclude"] = sorted(map(str, exclude))
     fits["flops_requested"] = flops
+    fits["include_stale"] = bool(include_stale)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures.draw_all(pts, fits, out_dir) if figures_ else []
@@ -63,7 +67,7 @@ def plot_path(path, out_dir=None) -> list[str]:
     if not fits_file.is_file():
         raise AnalysisError(f"{fits_file} not found: run `chinchax fit {path}` (analysis.fit_path) first")
     fits = json.loads(fits_file.read_text())
-    runs, curves = load_runs(path)
+    runs, curves = load_runs(path, include_stale=fits.get("include_stale", False))
     pts = prepare(runs, curves, flops=fits.get("flops_requested", fits["flops_convention"]),
                   n_params=fits["n_params_column"], loss=fits["loss_column"], exclude=fits.get("exclude", ()))  # fmt: skip
     return figures.draw_all(pts, fits, out_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rundir import FLOP_CONVENTIONS
+from rundir import FLOP_CONVENTIONS, read_json_object
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 RUN_COLUMNS = (
@@ -42,6 +42,41 @@ class AnalysisError(ValueError):
 
 class AnalysisWarning(UserWarning):
     """Something the user should know about the fit (excluded runs, extrapolated minima)."""
+
+
+# Written by the sweep runner: the runs that belong to the sweep (the folder listing may
+# hold folders left by an earlier version of its spec). Part of the run-directory contract.
+SWEEP_INDEX = "index.json"
+
+
+def sweep_members(sweep_dir: Path, run_dirs: list[Path], include_stale: bool = False) -> list[Path]:
+    """The run folders of a sweep directory that its index.json lists.
+
+    Folders the index does not list are stale (left by an earlier version of the spec, with
+    another learning rate or batch size, say): they are left out with an AnalysisWarning
+    naming them, or kept when ``include_stale``. Without an index every folder counts.
+    """
+    index_path = Path(sweep_dir) / SWEEP_INDEX
+    if include_stale or not index_path.exists():
+        return run_dirs
+    index = read_json_object(index_path)
+    if index is None or not isinstance(index.get("runs"), list):
+        raise AnalysisError(
+            f"{index_path} is unreadable: rebuild it with `chinchax sweep status SPEC --out {sweep_dir}`, "
+            "or fit every run folder with --include-stale (include_stale=True)"
+        )
+    listed = {str(r.get("run_dir") or r.get("name")) for r in index["runs"] if isinstance(r, dict)}
+    stale = [p.name for p in run_dirs if p.name not in listed]
+    if stale:
+        shown = ", ".join(stale[:10]) + (f", ... ({len(stale) - 10} more)" if len(stale) > 10 else "")
+        warnings.warn(
+            f"left out {len(stale)} run folder(s) of {sweep_dir} that are not in its {SWEEP_INDEX} (not runs of the "
+            f"sweep's current spec, e.g. left by an earlier version of it): {shown}; fit them too with "
+            "--include-stale (include_stale=True)",
+            AnalysisWarning,
+            stacklevel=3,
+        )
+    return [p for p in run_dirs if p.name in listed]
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -151,11 +186,13 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, curves
 
 
-def load_runs(path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_runs(path, include_stale: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Load runs and their loss curves from a sweep directory, a run directory or a table.
 
     Returns (runs, curves) as described in the module docstring. Runs whose status is not
     "done" are kept (with their status) so callers can report them; fits exclude them.
+    In a sweep directory with an index.json only the runs it lists are loaded; the other
+    folders are left out with a warning unless ``include_stale`` (see ``sweep_members``).
     """
     path = Path(path)
     if not path.exists():
@@ -164,7 +201,11 @@ def load_runs(path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if path.suffix.lower() not in TABLE_SUFFIXES:
             raise AnalysisError(f"{path}: expected a sweep/run directory or a {'/'.join(TABLE_SUFFIXES)} table")
         return _read_table(path)
-    run_dirs = [path] if _is_run_dir(path) else sorted(p for p in path.iterdir() if p.is_dir() and _is_run_dir(p))
+    if _is_run_dir(path):
+        run_dirs = [path]
+    else:
+        run_dirs = sorted(p for p in path.iterdir() if p.is_dir() and _is_run_dir(p))
+        run_dirs = sweep_members(path, run_dirs, include_stale)
     if not run_dirs:
         raise AnalysisError(f"{path}: no run directories (folders with result.json or metrics.jsonl) inside")
     rows, curves = [], []

@@ -124,6 +124,9 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-extrapolation", action="store_true", help="skip the extrapolation check")
     p.add_argument("--no-figures", action="store_true", help="write fits and report only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--include-stale", action="store_true",
+                   help="in a sweep directory, also fit the finished run folders its index.json does not list (runs of an "
+                        "earlier version of the spec; left out with a warning by default)")  # fmt: skip
     p.set_defaults(func=_cmd_fit)
 
 
@@ -148,6 +151,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 n_params=args.n_params, loss=args.loss,
                 exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
                 extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
+                include_stale=args.include_stale,
             )  # fmt: skip
     except analysis.AnalysisError as err:
         return _fail(str(err))
@@ -236,6 +240,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--gpus-per-run", type=_positive_int, default=1, help="accelerators given to each run")
     q.add_argument("--retry-failed", action="store_true", help="also retry runs whose result.json says failed")
     q.add_argument("--no-fit", action="store_true", help="skip the spec's fit step")
+    q.add_argument("--include-stale", action="store_true",
+                   help="also fit the finished runs in the sweep directory that are not runs of this spec "
+                        "(left by an earlier version of it; left out with a warning by default)")  # fmt: skip
     q.add_argument("--no-compile-cache", action="store_true", help="do not share JAX's persistent compilation cache")
     q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
     q.set_defaults(func=_cmd_sweep_run)
@@ -243,6 +250,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     q = actions.add_parser("status", help="rebuild and print the sweep index", formatter_class=_Formatter)
     common(q)
     q.add_argument("--fit", action="store_true", help="also run the spec's fit step on the finished runs")
+    q.add_argument("--include-stale", action="store_true",
+                   help="with --fit: also fit finished runs in the sweep directory that are not runs of this spec")
     q.set_defaults(func=_cmd_sweep_status)
 
 
@@ -272,6 +281,7 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         train_fn=args.train_fn,
         fit=not args.no_fit,
+        include_stale=args.include_stale,
         raw_spec=raw,
         cache_dir=None if args.no_compile_cache else "default",
     )
@@ -300,7 +310,7 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
     if args.fit:
         from sweeps.runner import run_fit
 
-        fit_status = run_fit(spec, sweep_dir, rows)
+        fit_status = run_fit(spec, sweep_dir, rows, include_stale=args.include_stale)
         print(f"fit: {fit_status}")
     fitted = (sweep_dir / "fits.json").exists()
     print(f"{len(rows)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))

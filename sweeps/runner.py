@@ -162,24 +162,191 @@ def sweep_status(spec: SweepSpec, sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_fit(spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
-    """``analysis.fit_path`` on the sweep directory if the spec asks; returns the fit status."""
-    if spec.fit is None or not spec.fit.enabled:
+def stale_runs(sweep_dir: Path, names) -> list[str]:
+    """Finished run folders in ``sweep_dir`` that are not runs of the spec (``names``).
+
+    They are left by an earlier version of the spec (any change to recipe, base or grid gives
+    new run names); the sweep's fit leaves them out unless asked to include them.
+    """
+    names = set(names)
+    if not sweep_dir.is_dir():
+        return []
+    return sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name not in names and (p / "result.json").exists())
+
+
+def fit_skip_reason(spec: SweepSpec, rows: list[dict[str, Any]], fit: bool = True) -> str | None:
+    """Why the fit step does not run ("not requested", "skipped: ..."), or None when it should."""
+    if not fit or spec.fit is None or not spec.fit.enabled:
         return "not requested"
     if not any(r["status"] == "done" for r in rows):
         return "skipped: no finished runs"
+    return None
+
+
+def run_fit(
+    spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]], *, include_stale: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> str:  # fmt: skip
+    """``analysis.fit_path`` on the sweep's runs (its index) if the spec asks; returns the fit status.
+
+    Run folders the index does not list are left out, with a warning naming them, unless
+    ``include_stale`` (or the spec's ``fit.options.include_stale``). The fit's warnings go to ``log``.
+    """
+    reason = fit_skip_reason(spec, rows)
+    if reason is not None:
+        return reason
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         import inspect
+        import warnings
 
         import analysis
 
         options = dict(spec.fit.options or {})
+        options["include_stale"] = bool(include_stale or options.get("include_stale", False))
         if "progress" in inspect.signature(analysis.fit_path).parameters:
             options.setdefault("progress", sys.stderr.isatty())  # no progress bars in log files
-        analysis.fit_path(sweep_dir, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", analysis.AnalysisWarning)
+            analysis.fit_path(sweep_dir, **options)
+        for w in caught:
+            say(f"fit: warning: {w.message}")
     except Exception as err:  # a fit problem must not hide the finished runs
         return f"failed: {type(err).__name__}: {err}"
     return "done"
+
+
+# --------------------------------------------------------------------------- launch decisions
+# Each run's status in a launch is one of: done, failed (final); queued (to start here);
+# running (a worker of this launch); waiting (another live launch holds its lock);
+# interrupted (this launch was stopped while it ran).
+
+
+def initial_status(state: str, retry_failed: bool) -> str:
+    """What a launch does with a run found in ``state`` on disk (sweeps.index.STATES).
+
+    pending or interrupted runs, and failed ones with ``retry_failed``, are queued; a run
+    another live launch is training is waited for; done and failed runs stay as they are.
+    """
+    if state in ("pending", "interrupted") or (state == "failed" and retry_failed):
+        return "queued"
+    if state == "running":
+        return "waiting"
+    return state
+
+
+def to_launch(status: dict[str, str], free: int) -> list[str]:
+    """The next runs to start: the first ``free`` queued runs, in spec order."""
+    return [name for name, st in status.items() if st == "queued"][: max(0, free)]
+
+
+def after_exit(rc: int, result: dict | None) -> tuple[str, bool]:
+    """Status of a run whose worker exited with ``rc`` (``result``: its result.json or None), and
+    whether this launch counts it as trained.
+
+    "waiting": another launch took the lock first; "lost": the worker died without writing
+    result.json (the caller records the failure); else "done" or "failed" from result.json. A
+    run another launch finished just before our worker started is not counted as ours.
+    """
+    if rc == EXIT_LOCKED:
+        return "waiting", False
+    counted = rc != EXIT_ALREADY_DONE
+    if result is None:
+        return "lost", counted
+    return ("done" if result.get("status") == "done" else "failed"), counted
+
+
+def after_wait(state: str) -> str:
+    """Status of a run held by another launch, given its state on disk now."""
+    if state in ("done", "failed"):
+        return state
+    if state == "running":
+        return "waiting"
+    return "queued"  # the other launch stopped without finishing it: ours to run
+
+
+def index_state(status: str, on_disk: Callable[[], str]) -> str:
+    """The state the index shows for a run of this launch (``on_disk``: sweeps.index.run_state)."""
+    if status in ("done", "failed", "running"):
+        return status
+    return "running" if status == "waiting" else on_disk()
+
+
+def status_counts(status: dict[str, str]) -> dict[str, int]:
+    """Runs per displayed status; runs held by another launch count as running."""
+    counts: dict[str, int] = {}
+    for st in status.values():
+        key = "running" if st == "waiting" else st
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class _Launch:
+    """The mutable state of one launch: statuses, workers, and the index it keeps on disk."""
+
+    def __init__(self, spec: SweepSpec, sweep_dir: Path, runs: list[PlannedRun], env: dict[str, str], train_fn: str):
+        self.spec, self.sweep_dir, self.runs, self.env, self.train_fn = spec, sweep_dir, runs, env, train_fn
+        self.status: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.active: dict[str, int] = {}  # run name -> backend handle
+        self.trained: list[str] = []
+        self.written: dict[str, str] | None = None  # statuses as last written to the index
+
+    def write_index(self, force: bool = False) -> None:
+        """Write the index when a status changed since the last write (or when forced)."""
+        if not force and self.status == self.written:
+            return
+        rows = [
+            index_row(self.sweep_dir, run, self.spec.convention,
+                      state=index_state(self.status[run.name], lambda: run_state(self.sweep_dir, run.name)),
+                      error=self.errors.get(run.name))
+            for run in self.runs
+        ]  # fmt: skip
+        write_index(self.sweep_dir, str(self.spec.name), self.spec.convention, rows)
+        self.written = dict(self.status)
+
+    def start(self, backend) -> None:
+        """Start queued runs in the backend's free slots; a run locked meanwhile is waited for."""
+        for name in to_launch(self.status, backend.free()):
+            lock = lock_path(self.sweep_dir, name)
+            if holder(lock) is not None:
+                self.status[name] = "waiting"
+                continue
+            cmd = worker_command(self.sweep_dir / ".configs" / f"{name}.yaml", self.sweep_dir / name, name, lock, self.train_fn)
+            self.active[name] = backend.start(cmd, self.env, self.sweep_dir / "logs" / f"{name}.log")
+            self.status[name] = "running"
+            self.trained.append(name)
+
+    def collect(self, backend, bar: Progress) -> None:
+        """Record the runs whose workers exited; a worker that died silently gets a failed result.json."""
+        for name, handle in list(self.active.items()):
+            rc = backend.poll(handle)
+            if rc is None:
+                continue
+            del self.active[name]
+            result = read_result(self.sweep_dir / name)
+            status, counted = after_exit(rc, result)
+            if not counted:
+                self.trained.remove(name)
+            if status == "lost":
+                tail = _log_tail(self.sweep_dir / "logs" / f"{name}.log")
+                write_failure(self.sweep_dir / name, name, _exit_reason(rc) + (f"; log: {tail}" if tail else ""))
+                result = read_result(self.sweep_dir / name)
+                status = "failed"
+            self.status[name] = status
+            if status == "failed":
+                self.errors[name] = str((result or {}).get("error"))
+            if status != "waiting":
+                bar.finished(name)
+
+    def recheck_waiting(self) -> None:
+        """Follow the runs another launch holds: finished there, still running, or left to us."""
+        for name, st in self.status.items():
+            if st == "waiting":
+                self.status[name] = after_wait(run_state(self.sweep_dir, name))
+
+    def busy(self) -> bool:
+        return bool(self.active) or any(st in ("queued", "waiting") for st in self.status.values())
 
 
 def run_sweep(
@@ -192,6 +359,7 @@ def run_sweep(
     retry_failed: bool = False,
     train_fn: str = DEFAULT_TRAIN_FN,
     fit: bool = True,
+    include_stale: bool = False,
     progress: bool = True,
     raw_spec: dict | None = None,
     cache_dir: Path | None | str = "default",
@@ -202,7 +370,8 @@ def run_sweep(
 
     Raises ConfigError (nothing launched) if the spec is invalid. A run that fails is
     recorded and the sweep goes on. KeyboardInterrupt stops the running runs cleanly
-    (they resume on the next launch) and propagates.
+    (they resume on the next launch) and propagates. The fit uses the runs of this spec
+    only; finished runs of other specs in ``sweep_dir`` join it only with ``include_stale``.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runs = expand(spec)  # every validation error surfaces here, before anything is written
@@ -210,125 +379,46 @@ def run_sweep(
     sweep_dir = sweep_dir.resolve()
     prepare(spec, sweep_dir, runs, raw_spec)
     env = run_env(jax_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None))
-    train_fn = _absolute_train_fn(train_fn)
-
-    status: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    queue: list[str] = []
-    waiting: list[str] = []  # locked by another live launch: polled until they finish
+    launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn))
     for run in runs:
         state = run_state(sweep_dir, run.name)
-        status[run.name] = state
-        if state == "failed" and retry_failed:
+        launch.status[run.name] = initial_status(state, retry_failed)
+        if state == "failed" and launch.status[run.name] == "queued":
             _archive_failure(sweep_dir / run.name)
-            status[run.name] = "queued"
-            queue.append(run.name)
-        elif state in ("pending", "interrupted"):
-            status[run.name] = "queued"
-            queue.append(run.name)
-        elif state == "running":
-            waiting.append(run.name)
-    strangers = sorted(
-        p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name not in status and (p / "result.json").exists()
-    )
-    if strangers:
-        say(f"note: {len(strangers)} run(s) in {sweep_dir} are not in this spec (e.g. {strangers[0]}); fits include them")
-    skipped = sum(s == "done" for s in status.values())
-    say(
-        f"sweep {spec.name}: {len(runs)} runs in {sweep_dir} — {skipped} done already, {len(queue)} to run"
-        + (f", {len(waiting)} running in another launch" if waiting else "")
-        + (f", {sum(s == 'failed' for s in status.values())} failed (use --retry-failed to retry)"
-           if any(s == "failed" for s in status.values()) else "")
-    )
+    stale = stale_runs(sweep_dir, launch.status)
+    if stale:
+        say(f"note: {len(stale)} finished run(s) in {sweep_dir} are not in this spec (e.g. {stale[0]}); "
+            + ("the fit includes them (--include-stale)" if include_stale else "the fit leaves them out (--include-stale to include them)"))
+    say(_launch_line(spec, sweep_dir, launch.status))
 
-    def write() -> None:
-        rows = []
-        for run in runs:
-            st = status[run.name]
-            shown = st if st in ("done", "failed", "running") else ("running" if st == "waiting" else run_state(sweep_dir, run.name))
-            rows.append(index_row(sweep_dir, run, spec.convention, state=shown, error=errors.get(run.name)))
-        write_index(sweep_dir, str(spec.name), spec.convention, rows)
-
-    def counts() -> dict[str, int]:
-        c: dict[str, int] = {}
-        for st in status.values():
-            key = "running" if st in ("running", "waiting") else st
-            c[key] = c.get(key, 0) + 1
-        return c
-
-    trained: list[str] = []
     bar = Progress(str(spec.name), runs, progress)
-    write()
-    backend_obj = make_backend(backend, parallel, gpus_per_run) if queue else None
-    active: dict[str, int] = {}
+    launch.write_index(force=True)
+    backend_obj = None
     last_wait_check = 0.0
     try:
-        while queue or active or waiting:
-            changed = False
-            while queue and backend_obj is not None and backend_obj.free() > 0:
-                name = queue.pop(0)
-                if holder(lock_path(sweep_dir, name)) is not None:
-                    status[name] = "waiting"
-                    waiting.append(name)
-                    continue
-                cmd = worker_command(sweep_dir / ".configs" / f"{name}.yaml", sweep_dir / name, name, lock_path(sweep_dir, name), train_fn)
-                active[name] = backend_obj.start(cmd, env, sweep_dir / "logs" / f"{name}.log")
-                status[name] = "running"
-                trained.append(name)
-                changed = True
-            for name, handle in list(active.items()):
-                rc = backend_obj.poll(handle)
-                if rc is None:
-                    continue
-                del active[name]
-                changed = True
-                if rc == EXIT_LOCKED:  # another launch took it between our check and the worker's lock
-                    trained.remove(name)
-                    status[name] = "waiting"
-                    waiting.append(name)
-                    continue
-                if rc == EXIT_ALREADY_DONE:  # another launch finished it just before our worker started
-                    trained.remove(name)
-                result = read_result(sweep_dir / name)
-                if result is None:
-                    reason = _exit_reason(rc)
-                    tail = _log_tail(sweep_dir / "logs" / f"{name}.log")
-                    write_failure(sweep_dir / name, name, reason + (f"; log: {tail}" if tail else ""))
-                    result = read_result(sweep_dir / name)
-                status[name] = "done" if result.get("status") == "done" else "failed"
-                if status[name] == "failed":
-                    errors[name] = str(result.get("error"))
-                bar.finished(name)
-            if waiting and time.monotonic() - last_wait_check > 2.0:
-                last_wait_check = time.monotonic()
-                for name in list(waiting):
-                    state = run_state(sweep_dir, name)
-                    if state in ("done", "failed"):
-                        waiting.remove(name)
-                        status[name] = state
-                        changed = True
-                    elif state != "running":  # the other launch stopped without finishing it
-                        waiting.remove(name)
-                        status[name] = "queued"
-                        queue.append(name)
-                        changed = True
-            if queue and backend_obj is None:
+        while launch.busy():
+            if backend_obj is None and "queued" in launch.status.values():
                 backend_obj = make_backend(backend, parallel, gpus_per_run)
-            if changed:
-                write()
-            remaining = [n for n, s in status.items() if s in ("queued", "running", "waiting")]
-            bar.show({**counts(), "queued": sum(s == "queued" for s in status.values())}, remaining,
-                     getattr(backend_obj, "parallel", 1), force=changed)
-            if queue or active or waiting:
+            if backend_obj is not None:
+                launch.start(backend_obj)
+                launch.collect(backend_obj, bar)
+            if time.monotonic() - last_wait_check > 2.0:  # another launch's runs: look now and then
+                last_wait_check = time.monotonic()
+                launch.recheck_waiting()
+            changed = launch.status != launch.written
+            launch.write_index()
+            remaining = [n for n, s in launch.status.items() if s in ("queued", "running", "waiting")]
+            bar.show(status_counts(launch.status), remaining, getattr(backend_obj, "parallel", 1), force=changed)
+            if launch.busy():
                 time.sleep(poll_s)
     except BaseException:
         bar.close()
         if backend_obj is not None:
-            say(f"sweep {spec.name}: stopping {len(active)} running run(s); re-run the same command to resume")
+            say(f"sweep {spec.name}: stopping {len(launch.active)} running run(s); re-run the same command to resume")
             backend_obj.close()
-        for name in active:
-            status[name] = "interrupted"
-        write()
+        for name in launch.active:
+            launch.status[name] = "interrupted"
+        launch.write_index(force=True)
         raise
     bar.close()
     if backend_obj is not None:
@@ -337,10 +427,22 @@ def run_sweep(
     rows = [index_row(sweep_dir, r, spec.convention) for r in runs]
     write_index(sweep_dir, str(spec.name), spec.convention, rows)
     failed = [(r["name"], str(r["error"])) for r in rows if r["status"] == "failed"]
-    fit_status = run_fit(spec, sweep_dir, rows) if fit else "not requested"
-    report = SweepReport(sweep_dir, rows, trained, failed, fit_status)
+    fit_status = run_fit(spec, sweep_dir, rows, include_stale=include_stale, log=say) if fit else "not requested"
+    report = SweepReport(sweep_dir, rows, launch.trained, failed, fit_status)
     say(format_summary(spec, report))
     return report
+
+
+def _launch_line(spec: SweepSpec, sweep_dir: Path, status: dict[str, str]) -> str:
+    """The first line of a launch: how many runs are done, to run, elsewhere, failed."""
+    count = status_counts(status)
+    waiting = sum(s == "waiting" for s in status.values())
+    return (
+        f"sweep {spec.name}: {len(status)} runs in {sweep_dir} — {count.get('done', 0)} done already, "
+        f"{count.get('queued', 0)} to run"
+        + (f", {waiting} running in another launch" if waiting else "")
+        + (f", {count['failed']} failed (use --retry-failed to retry)" if count.get("failed") else "")
+    )
 
 
 def _absolute_train_fn(target: str) -> str:
