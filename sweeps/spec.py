@@ -30,6 +30,7 @@ Expansion into runs lives in ``sweeps.plan``. Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -123,8 +124,42 @@ def _check_grid(grid: Any) -> dict[str, tuple[Any, ...]]:
             raise ConfigError(f"grid.{key}: expected a list of values, got {values!r}")
         if not values:
             raise ConfigError(f"grid.{key} is empty: a grid axis needs at least one value")
+        if key == SIZE_KEY and not all(_positive_number(n) for n in values):
+            raise ConfigError(f"grid.{SIZE_KEY}: sizes must be finite numbers > 0, got {list(values)!r}")
         out[key] = tuple(values)
     return out
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number > 0 (bools are not numbers here; NaN fails every comparison)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
+def _check_source(source: Any, where: str) -> None:
+    """Refuse a data source that cannot load (missing files, unknown corpus) before hours of other runs."""
+    if not isinstance(source, str):
+        return  # config_from_dict names the type error when the run resolves
+    scheme, _, name = source.partition(":")
+    if scheme == "text":
+        from llm.data.text_files import text_files
+
+        try:
+            text_files(name)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        return
+    if scheme == "builtin":
+        from llm.data.builtin import BUILTIN as names
+    elif scheme == "synthetic":
+        from llm.data.synthetic import SYNTHETIC as names
+    else:
+        return  # tfds names are only known to the (optional, online) catalogue
+    if name not in names:
+        choices = [f"{scheme}:{n}" for n in names]
+        raise ConfigError(
+            f"{where}: data.source: unknown {'builtin corpus' if scheme == 'builtin' else 'synthetic source'} {source!r}"
+            f"{did_you_mean(source, choices)}; choose one of {', '.join(choices)}"
+        )
 
 
 def _check_isoflop(iso: IsoFlopSpec, grid: Mapping[str, Any]) -> None:
@@ -159,7 +194,7 @@ def isoflop_sizes(iso: IsoFlopSpec, budget: float) -> tuple[float, ...]:
         sizes = by_budget[float(budget)]
     if not isinstance(sizes, (list, tuple)) or not sizes:
         raise ConfigError(f"isoflop.n_params for budget {budget:g}: expected a non-empty list, got {sizes!r}")
-    if any(isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 for n in sizes):
+    if not all(_positive_number(n) for n in sizes):
         raise ConfigError(f"isoflop.n_params for budget {budget:g}: sizes must be positive numbers, got {sizes!r}")
     return tuple(float(n) for n in sizes)
 
@@ -174,8 +209,10 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
     spec = from_dict(SweepSpec, data)
     if spec.name is None and name is not None:
         spec = dataclasses.replace(spec, name=name)
-    if not spec.name or any(c in spec.name for c in "/\\") or spec.name.startswith("."):
-        raise ConfigError(f"name: a sweep needs a plain folder name, got {spec.name!r}")
+    if not spec.name or spec.name.startswith(".") or any(c in "/\\" or not c.isprintable() for c in spec.name):
+        raise ConfigError(
+            f"name: a sweep needs a plain folder name (no '/', '\\', control characters or leading '.'), got {spec.name!r}"
+        )
     if spec.convention not in FLOP_CONVENTIONS:
         raise ConfigError(
             f"convention={spec.convention!r} is not allowed{did_you_mean(spec.convention, FLOP_CONVENTIONS)}; "
@@ -184,10 +221,16 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
     if spec.base is not None and not isinstance(spec.base, Mapping):
         raise ConfigError("base: expected a mapping of train config sections (model, data, optim, train)")
     try:
-        config_from_dict(spec.base or {})
+        base = config_from_dict(spec.base or {})
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
     grid = _check_grid(spec.grid)
+    if spec.grid is not None and not grid and spec.isoflop is None and spec.dataset_tokens is None:
+        # README: empty grids are errors; beside isoflop or dataset_tokens `grid: {}` adds nothing and is harmless.
+        raise ConfigError("grid is empty: give at least one axis (e.g. grid: {train.seed: [0, 1]}) or drop the key")
+    _check_source(base.data.source, "base")
+    for source in grid.get("data.source", ()):
+        _check_source(source, "grid")
     if spec.isoflop is not None:
         _check_isoflop(spec.isoflop, grid)
         for budget in spec.isoflop.budgets:
@@ -202,27 +245,144 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
     if spec.fit is not None and spec.fit.options is not None:
         if not isinstance(spec.fit.options, Mapping):
             raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
-        _check_fit_options(spec.fit.options)
+        spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, options=_check_fit_options(spec.fit.options)))
     if spec.estimate.flops_per_s <= 0 or spec.estimate.overhead_s < 0:
         raise ConfigError("estimate: need flops_per_s > 0 and overhead_s >= 0")
     return spec
 
 
-def _check_fit_options(options: Mapping[str, Any]) -> None:
-    """Option names must be keywords of analysis.fit_path: a typo must not surface after hours of training."""
+def _check_fit_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Names and values must be what analysis.fit_path takes: a bad option must not surface after hours of training.
+
+    Returns the options normalised for the call (tuples, ints for integer counts, floats for FLOPs).
+    """
     if not options:
-        return
+        return {}
     import inspect
 
     from analysis import fit_path
 
     allowed = [n for n in inspect.signature(fit_path).parameters if n != "path"]  # path is the sweep dir
-    for key in options:
+    out = {}
+    for key, value in options.items():
         if key not in allowed:
             raise ConfigError(
                 f"unknown config key 'fit.options.{key}'{did_you_mean(str(key), allowed)}; "
                 f"fit options are keyword arguments of analysis.fit_path: {', '.join(allowed)}"
             )
+        check = _FIT_OPTION_CHECKS.get(key)
+        out[key] = check(value, f"fit.options.{key}") if check else value  # a newer keyword: fit_path checks it
+    return out
+
+
+def _fit_choice(choices: Any) -> Any:
+    def check(value: Any, where: str) -> str:
+        allowed = list(choices()) if callable(choices) else list(choices)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not allowed{did_you_mean(str(value), allowed)}; choose one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _fit_count(value: Any, where: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # YAML reads 1e3 as a float
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _fit_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _fit_flops(value: Any, where: str) -> float | None:
+    if value is not None and not _positive_number(value):
+        raise ConfigError(f"{where} must be a finite number > 0 (FLOPs) or null, got {value!r}")
+    return None if value is None else float(value)
+
+
+def _fit_budgets(value: Any, where: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(_positive_number(c) for c in value):
+        raise ConfigError(f"{where}: expected a non-empty list of finite numbers > 0 (FLOPs) or null, got {value!r}")
+    return tuple(float(c) for c in value)
+
+
+def _fit_approaches(value: Any, where: str) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or str(item) not in ("1", "2", "3"):
+            raise ConfigError(f"{where}: {str(item)!r} is not allowed; choose from 1, 2, 3")
+    return tuple(str(a) for a in items)
+
+
+def _fit_laws(value: Any, where: str) -> tuple[str, ...]:
+    from analysis import AnalysisError
+    from analysis.laws import law_from_name
+
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of law names, got {value!r}")
+    for name in value:
+        try:
+            law_from_name(str(name))
+        except AnalysisError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return tuple(str(n) for n in value)
+
+
+def _fit_percentiles(value: Any, where: str) -> tuple[float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        not isinstance(p, bool) and isinstance(p, (int, float)) for p in value
+    )
+    if not ok or not 0 <= value[0] < value[1] <= 100:
+        raise ConfigError(f"{where}: expected [low, high] with 0 <= low < high <= 100, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _fit_exclude(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise ConfigError(f"{where}: expected a list of run names, got {value!r}")
+    return tuple(value)
+
+
+def _fit_out_dir(value: Any, where: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}: expected a folder path, got {value!r}")
+    return value
+
+
+def _run_columns(suffix: str = "", prefix: str = "") -> list[str]:
+    from analysis.load import RUN_COLUMNS
+
+    return [c for c in RUN_COLUMNS if c.startswith(prefix) and c.endswith(suffix)]
+
+
+# Values analysis.fit_path accepts, keyword by keyword (its docstring and fit_points).
+_FIT_OPTION_CHECKS = {
+    "out_dir": _fit_out_dir,
+    "approaches": _fit_approaches,
+    "laws": _fit_laws,
+    "budgets": _fit_budgets,
+    "isoflop_budgets": _fit_budgets,
+    "interpolate": _fit_choice(("auto", "always", "never")),
+    "flops": _fit_choice(("auto", "6ND", *FLOP_CONVENTIONS)),
+    "n_params": _fit_choice(lambda: _run_columns(prefix="n_params")),
+    "loss": _fit_choice(lambda: _run_columns(suffix="_loss")),
+    "exclude": _fit_exclude,
+    "n_bootstrap": _fit_count,
+    "seed": _fit_count,
+    "percentiles": _fit_percentiles,
+    "holdout_flops": _fit_flops,
+    "extrapolation": _fit_bool,
+    "figures_": _fit_bool,
+    "progress": _fit_bool,
+    "include_stale": _fit_bool,
+}
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")

@@ -190,6 +190,77 @@ def test_spec_errors(data, message):
         spec_from_dict({"name": "bad", **data})
 
 
+# Specs that used to pass `sweep plan` and fail only when run (or with a traceback).
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"grid": {}}, "grid is empty"),
+        ({"grid": {"optim": {}}}, "grid is empty"),
+        ({"name": "a\x00b"}, "name: a sweep needs a plain folder name"),
+        ({"name": "two\nlines"}, "name: a sweep needs a plain folder name"),
+        ({"base": {"data": {"source": "text:/nonexistent/chinchax/*.txt"}}}, "base: data.source text:/nonexistent/chinchax/*.txt: no file"),
+        ({"base": {"data": {"source": "text:/nonexistent/chinchax.txt"}}}, "file not found"),
+        ({"base": {"data": {"source": "builtin:englsh"}}}, "base: data.source: unknown builtin corpus 'builtin:englsh' (did you mean 'builtin:english'?)"),
+        ({"grid": {"data.source": ["builtin:kjv", "synthetic:markv"]}}, "grid: data.source: unknown synthetic source 'synthetic:markv'"),
+        ({"grid": {"n_params": [1e4, float("nan")]}}, "grid.n_params: sizes must be finite numbers > 0"),
+        ({"isoflop": {"budgets": [1e12], "n_params": [float("nan")]}}, "sizes must be positive numbers"),
+        ({"isoflop": {"budgets": [float("inf")], "n_sizes": 3}}, "isoflop.budgets[0]: expected a finite number"),
+        ({"fit": {"options": {"n_bootstrap": -5}}}, "fit.options.n_bootstrap must be an integer >= 0, got -5"),
+        ({"fit": {"options": {"n_bootstrap": 1.5}}}, "fit.options.n_bootstrap must be an integer >= 0, got 1.5"),
+        ({"fit": {"options": {"seed": -1}}}, "fit.options.seed must be an integer >= 0"),
+        ({"fit": {"options": {"approaches": ["2", "4"]}}}, "fit.options.approaches: '4' is not allowed; choose from 1, 2, 3"),
+        ({"fit": {"options": {"laws": ["kaplan_N", "kaplan_X"]}}}, "fit.options.laws: unknown law 'kaplan_X'"),
+        ({"fit": {"options": {"laws": "kaplan_N"}}}, "fit.options.laws: expected a list"),
+        ({"fit": {"options": {"flops": "6N+atention"}}}, "fit.options.flops='6N+atention' is not allowed (did you mean '6N+attention'?)"),
+        ({"fit": {"options": {"interpolate": "sometimes"}}}, "fit.options.interpolate='sometimes' is not allowed"),
+        ({"fit": {"options": {"loss": "eval_loss"}}}, "fit.options.loss='eval_loss' is not allowed"),
+        ({"fit": {"options": {"n_params": "n_params_embed"}}}, "fit.options.n_params='n_params_embed' is not allowed"),
+        ({"fit": {"options": {"budgets": [1e21, -1]}}}, "fit.options.budgets: expected a non-empty list of finite numbers > 0"),
+        ({"fit": {"options": {"budgets": []}}}, "fit.options.budgets: expected a non-empty list"),
+        ({"fit": {"options": {"isoflop_budgets": "1e21"}}}, "fit.options.isoflop_budgets: expected a non-empty list"),
+        ({"fit": {"options": {"holdout_flops": 0}}}, "fit.options.holdout_flops must be a finite number > 0"),
+        ({"fit": {"options": {"percentiles": [90, 10]}}}, "fit.options.percentiles: expected [low, high] with 0 <= low < high <= 100"),
+        ({"fit": {"options": {"extrapolation": "yes"}}}, "fit.options.extrapolation: expected true or false"),
+        ({"fit": {"options": {"exclude": "run-1"}}}, "fit.options.exclude: expected a list of run names"),
+        ({"fit": {"options": {"out_dir": 3}}}, "fit.options.out_dir: expected a folder path"),
+    ],
+)
+def test_specs_that_cannot_run_are_refused_at_load(data, fragment):
+    with pytest.raises(ConfigError) as err:
+        spec_from_dict({"name": "bad", **data})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_fit_options_and_sources_pass_normalised(tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    spec = spec_from_dict({
+        "name": "ok",
+        "base": {"data": {"source": f"text:{tmp_path}/*.txt"}},
+        "grid": {"data.source": ["builtin:kjv", "synthetic:markov", "tfds:lm1b"]},
+        "fit": {"options": {"approaches": [2, "3"], "laws": ["kaplan_N+E", "chinchilla"], "budgets": [1e21],
+                            "n_bootstrap": 1e3, "seed": 0, "percentiles": [5, 95], "flops": "6ND", "exclude": ["r1"],
+                            "extrapolation": False, "holdout_flops": 1e18}},
+    })
+    options = spec.fit.options
+    assert options["approaches"] == ("2", "3") and options["n_bootstrap"] == 1000 and isinstance(options["n_bootstrap"], int)
+    assert options["budgets"] == (1e21,) and options["percentiles"] == (5.0, 95.0) and options["exclude"] == ("r1",)
+
+
+def test_empty_grid_is_fine_beside_another_axis():
+    spec = spec_from_dict({"name": "d", "base": _tiny_base(steps=5), "grid": {}, "dataset_tokens": [1e5]})
+    assert len(expand(spec)) == 1
+
+
+def test_cli_plan_refuses_a_missing_data_path(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {{data: {{source: 'text:{tmp_path}/missing/*.txt'}}}}\n")
+    assert main(["sweep", "plan", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "missing/*.txt: no file matches" in err and err.count("\n") == 1
+    assert main(["sweep", "plan", str(EXPERIMENTS / "quickstart.yaml"), "name=a\x00b"]) == 2
+    assert "plain folder name" in capsys.readouterr().err
+
+
 def test_expansion_errors():
     too_small = {"name": "s", "base": _tiny_base(), "recipe": TINY_RECIPE, "isoflop": {"budgets": [1e8], "n_params": [1e5]}}
     with pytest.raises(ConfigError, match="too small"):
