@@ -107,3 +107,16 @@ def test_deep_copy_shares_no_containers():
     assert copy == {"a": [1, 2], "b": {"c": [1, 2]}, "t": [1, 2]}
     copy["b"]["c"].append(3)
     assert shared == [1, 2] and copy["a"] == [1, 2]
+
+
+def test_one_loader_shared_by_llm_and_sweeps():
+    import llm.config
+    import llm.metrics
+    import llm.typed_yaml
+    import sweeps.plan
+    import sweeps.spec
+
+    assert llm.config.ConfigError is llm.typed_yaml.ConfigError
+    assert sweeps.spec.from_dict is llm.typed_yaml.from_dict and sweeps.spec.read_yaml is llm.typed_yaml.read_yaml
+    for module in (llm.config, llm.metrics, sweeps.plan, sweeps.spec):
+        assert not any(hasattr(module, n) for n in ("_deep_copy", "_flatten", "_did_you_mean", "_coerce")), module
