@@ -44,6 +44,48 @@ class PlannedRun:
     steps: int
     budget: float | None  # isoflop C target, if any
     est_time_s: float
+    epochs: float | None = None  # D over the unique training tokens; None when unknown at plan time
+
+
+# Unique training tokens of the builtin corpora with data.tokenizer=bytes and the default
+# data.eval_fraction=0.01, as llm.data tokenises them (documents + one end-of-text id each),
+# counted once from the token cache so that planning stays instant and offline;
+# tests/test_sweep_epochs.py recounts kjv and checks the others against a cache when present.
+BUILTIN_TRAIN_TOKENS = {"builtin:kjv": 4_191_688, "builtin:gcide": 28_464_612, "builtin:english": 32_656_300}
+
+
+def unique_train_tokens(cfg: Config) -> int | None:
+    """Unique training tokens a run draws from, known without tokenising; None when unknown.
+
+    data.dataset_tokens when set; else the recorded size of a builtin corpus (bytes, default
+    held-out fraction); else the size in a token cache manifest of an earlier run on the same
+    source, tokenizer, vocabulary and held-out fraction.
+    """
+    data = cfg.data
+    if data.dataset_tokens is not None:
+        return int(data.dataset_tokens)
+    if data.tokenizer == "bytes" and data.eval_fraction == 0.01 and data.source in BUILTIN_TRAIN_TOKENS:
+        return BUILTIN_TRAIN_TOKENS[data.source]
+    if data.source.startswith("synthetic:"):
+        return None  # generated, not a pool read from files
+    return _cached_train_tokens(data.cache_dir, data.source, data.tokenizer, cfg.model.vocab_size, data.eval_fraction)
+
+
+def _cached_train_tokens(cache_dir, source: str, tokenizer: str, vocab_size: int, eval_fraction: float) -> int | None:
+    """Training tokens recorded by the newest matching manifest of llm.data's token cache."""
+    from llm.data.store import default_cache_dir
+
+    best: tuple[float, int] | None = None
+    for path in (default_cache_dir(cache_dir) / "datasets").glob("*.json"):
+        try:
+            m = json.loads(path.read_text())
+            match = (m["source"], m["tokenizer"]["name"], m["vocab_size"], m["eval_fraction"]) == (
+                source, tokenizer, vocab_size, eval_fraction)  # fmt: skip
+            if match and (best is None or path.stat().st_mtime > best[0]):
+                best = (path.stat().st_mtime, int(m["tokens"]["train"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # another file of the cache (document lists), or one being written
+    return None if best is None else best[1]
 
 
 def _short(x: float) -> str:
@@ -300,16 +342,42 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
             )
         seen[digest] = _describe(point)
         est = flops_per_token(cfg.model, "6N+attention") * tokens / spec.estimate.flops_per_s + spec.estimate.overhead_s
-        runs.append(PlannedRun(name, cfg, dict(point), n, tokens, flops, steps, budget, est))
+        unique = unique_train_tokens(cfg)
+        epochs = None if not unique else tokens / unique
+        check_epochs(spec, name, cfg, tokens, unique)
+        runs.append(PlannedRun(name, cfg, dict(point), n, tokens, flops, steps, budget, est, epochs))
     if not runs:
         raise ConfigError("the spec expands to no runs")
     return runs
 
 
 
+def check_epochs(spec: SweepSpec, name: str, cfg: Config, tokens: int, unique: int | None) -> None:
+    """ConfigError when a run would pass its data more than ``spec.max_epochs`` times by accident.
+
+    Repeated data is worth less than fresh data (Muennighoff et al. 2023: nearly free only up
+    to about 4 epochs), so it biases N_opt upward. A run with data.dataset_tokens set repeats
+    its pool on purpose and is not checked; nor is a run whose pool is unknown at plan time.
+    """
+    if unique is None or cfg.data.dataset_tokens is not None:
+        return
+    epochs = tokens / unique
+    if epochs > spec.max_epochs:
+        raise ConfigError(
+            f"run {name}: D={tokens:.3g} tokens is {epochs:.1f} epochs of the {unique:.3g} unique training "
+            f"tokens of {cfg.data.source}, more than max_epochs={spec.max_epochs:g} (repeated data is worth "
+            "less and biases N_opt up): use fewer tokens or a larger corpus (base.data.source=text:<glob>), "
+            "or allow it on purpose with the spec key max_epochs or data.dataset_tokens"
+        )
+
+
 def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
-    """The plan table: one row per run (name, shape, N, D, C, steps, lr, batch, estimated time)."""
-    header = ["name", "d_model", "n_layers", "n_heads", "d_ff", "N", "D", f"C[{spec.convention}]", "steps", "lr", "batch", "est"]
+    """The plan table: one row per run (name, shape, N, D, epochs, C, steps, lr, batch, estimated time).
+
+    epochs is D over the unique training tokens ("?" when unknown before the data is tokenised).
+    """
+    header = ["name", "d_model", "n_layers", "n_heads", "d_ff", "N", "D", "epochs", f"C[{spec.convention}]", "steps",
+              "lr", "batch", "est"]  # fmt: skip
     rows = [
         [
             r.name,
@@ -319,6 +387,7 @@ def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
             str(r.config.model.d_ff),
             f"{r.n_params:.3g}",
             f"{r.tokens:.3g}",
+            "?" if r.epochs is None else f"{r.epochs:.2g}",
             f"{r.flops:.3g}",
             str(r.steps),
             f"{r.config.optim.lr:.3g}",

@@ -24,6 +24,7 @@ Expansion into runs lives in ``sweeps.plan``. Example::
       n_params: [1e6, 3e6, 1e7]    # or {1e15: [...], 1e16: [...]}, or n_sizes: 5
     grid: {train.seed: [0, 1]}     # crossed with everything else
     dataset_tokens: [1e7]          # unique-token pool per run (repeated data)
+    max_epochs: 4                  # most passes over the unique training data (more is a plan error)
     fit: {options: {flops: 6N+attention}}   # keyword arguments of analysis.fit_path
 """
 
@@ -85,6 +86,7 @@ class SweepSpec:
     dataset_tokens: tuple[int, ...] | None = None
     fit: FitSpec | None = None
     estimate: EstimateSpec = EstimateSpec()
+    max_epochs: float = 4.0  # most passes over the unique training data a run may plan (sweeps.plan.check_epochs)
 
 
 
@@ -246,6 +248,8 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
         if not isinstance(spec.fit.options, Mapping):
             raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
         spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, options=_check_fit_options(spec.fit.options)))
+    if not spec.max_epochs > 0:  # NaN fails too
+        raise ConfigError(f"max_epochs must be > 0, got {spec.max_epochs}")
     if spec.estimate.flops_per_s <= 0 or spec.estimate.overhead_s < 0:
         raise ConfigError("estimate: need flops_per_s > 0 and overhead_s >= 0")
     return spec
