@@ -71,11 +71,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from llm.training import train
+    lock = _lock_run_dir(args.run_dir)
+    try:
+        from llm.training import train
 
-    interrupt_on_sigterm()  # `kill` checkpoints and stops like Ctrl-C
-    result = train(cfg, args.run_dir)
+        interrupt_on_sigterm()  # `kill` checkpoints and stops like Ctrl-C
+        result = train(cfg, args.run_dir)
+    finally:
+        lock.release()
     return 0 if result.status == "done" else 1
+
+
+def _lock_run_dir(run_dir: Path):
+    """Take the run directory's lock (the one sweep workers take); ConfigError naming the holder."""
+    from sweeps.lock import LockHeld, RunLock, run_lock_path
+
+    try:
+        return RunLock(run_lock_path(run_dir)).acquire()
+    except LockHeld as held:
+        raise ConfigError(
+            f"--run-dir {run_dir} is being trained by pid {held.owner.get('pid')} on {held.owner.get('host')} "
+            f"(lock {held.path}); wait for it to finish or stop that process"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot lock --run-dir {run_dir}: {err.strerror or err}") from None
 
 
 # --------------------------------------------------------------------------- fit / plot (analysis)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from sweeps.lock import holder
+from sweeps.lock import holder, run_lock_path
 from sweeps.plan import PlannedRun
 from rundir import dumps_json, read_result, write_text_atomic
 
@@ -28,7 +28,8 @@ COLUMNS = (
 
 
 def lock_path(sweep_dir: Path, name: str) -> Path:
-    return Path(sweep_dir) / ".locks" / f"{name}.lock"
+    """The lock of run ``name``: the same file ``chinchax train --run-dir sweep_dir/name`` takes."""
+    return run_lock_path(Path(sweep_dir) / name)
 
 
 def run_state(sweep_dir: Path, name: str) -> str:

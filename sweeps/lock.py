@@ -1,13 +1,21 @@
 """Per-run lock files, so that two launches of a sweep never train the same run twice.
 
 A lock is a file created with O_CREAT|O_EXCL (atomic on local and NFSv3+ file systems)
-holding the owner's host and pid. While it is held, a heartbeat thread touches the file
-every ``HEARTBEAT_S`` seconds. A lock is stale, and is taken over, when
+holding the owner's host, pid and process start time (boot id and /proc/<pid>/stat start
+ticks on Linux). While it is held, a heartbeat thread touches the file every
+``HEARTBEAT_S`` seconds. A lock is stale, and is taken over, when
 
 * its owner is on this host and that pid is gone (a crash or kill), or
+* its owner is on this host and that pid now belongs to another process (its start time
+  differs: the pid was reused after a crash), or
+* its owner is on this host, the start time cannot be compared (no /proc, or a lock of an
+  older version), and the heartbeat stopped more than ``stale_after_s`` seconds ago, or
 * its owner is on another host (a Ray node) and the heartbeat stopped more than
   ``stale_after_s`` seconds ago (the node died), or
 * it is unreadable (a writer killed mid-write) and older than ``stale_after_s``.
+
+``chinchax train`` and the sweep workers lock a run directory at the same path
+(``run_lock_path``), so no two processes ever train one run directory at once.
 """
 
 from __future__ import annotations
@@ -29,6 +37,28 @@ class LockHeld(RuntimeError):
     def __init__(self, path: Path, owner: dict):
         self.path, self.owner = path, owner
         super().__init__(f"{path} is held by pid {owner.get('pid')} on {owner.get('host')}")
+
+
+def run_lock_path(run_dir: str | Path) -> Path:
+    """The lock of a run directory: ``<parent>/.locks/<name>.lock`` (the sweep's layout)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / ".locks" / f"{run_dir.name}.lock"
+
+
+def process_start(pid: int) -> str | None:
+    """An id of the process ``pid`` that a reused pid does not share: boot id + start ticks.
+
+    Field 22 of /proc/<pid>/stat is the start time in clock ticks since boot; the boot id
+    tells boots apart. None where /proc is missing (macOS) or the process is gone.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None  # field 22 = index 19 after field 2
 
 
 def _alive(pid: int) -> bool:
@@ -66,7 +96,13 @@ def is_stale(owner: dict | None, stale_after_s: float = STALE_AFTER_S) -> bool:
     if "pid" not in owner:  # unreadable or half-written
         return owner["age_s"] > stale_after_s
     if owner.get("host") == socket.gethostname():
-        return not _alive(int(owner["pid"]))
+        pid = int(owner["pid"])
+        if not _alive(pid):
+            return True
+        now = process_start(pid)
+        if owner.get("start") and now is not None:
+            return owner["start"] != now  # same pid, another process: the owner is gone
+        return owner["age_s"] > stale_after_s  # cannot tell the processes apart: trust the heartbeat
     return owner["age_s"] > stale_after_s
 
 
@@ -100,7 +136,8 @@ class RunLock:
                 self._remove_stale(owner)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                           "time": time.time()}, f)  # fmt: skip
             self.held = True
             self._stop.clear()
             self._beat = threading.Thread(target=self._heartbeat, name=f"lock-heartbeat-{self.path.name}", daemon=True)
