@@ -17,10 +17,18 @@ Names: ``add1``..``add5``, ``sub1``..``sub5``, ``mul1``, ``mul2`` (each also
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from llm.tasks.arithmetic import Arithmetic, ModularAddition
-from llm.tasks.base import EXACT_MATCH, MULTIPLE_CHOICE_ACCURACY, PER_TOKEN_ACCURACY, Item, Task, key_fraction
+from llm.tasks.base import (
+    BRIER,
+    EXACT_MATCH,
+    MULTIPLE_CHOICE_ACCURACY,
+    PER_TOKEN_ACCURACY,
+    Item,
+    Task,
+    key_fraction,
+)
 from llm.tasks.choice import Larger
 from llm.tasks.facts import Facts
 from llm.tasks.recall import AssociativeRecall, Copying
@@ -29,10 +37,12 @@ from llm.typed_yaml import ConfigError
 from rundir import did_you_mean
 
 __all__ = [
+    "BRIER",
     "EXACT_MATCH",
     "MULTIPLE_CHOICE_ACCURACY",
     "PER_TOKEN_ACCURACY",
     "TASKS",
+    "ConfigError",
     "Item",
     "Task",
     "corpus_words",
@@ -43,13 +53,19 @@ __all__ = [
 
 def _arithmetic(op: str, digits: int, reversed_digits: bool) -> Callable[..., Task]:
     def make(*, test_fraction: float = 0.2) -> Task:
-        return Arithmetic(op, digits, reversed_digits=reversed_digits, test_fraction=test_fraction)
+        return Arithmetic(
+            op, digits, reversed_digits=reversed_digits, test_fraction=test_fraction
+        )
 
     return make
 
 
 TASKS: dict[str, Callable[..., Task]] = {}
-for _op, _short, _ks in (("plus", "add", range(1, 6)), ("minus", "sub", range(1, 6)), ("times", "mul", range(1, 3))):
+for _op, _short, _ks in (
+    ("plus", "add", range(1, 6)),
+    ("minus", "sub", range(1, 6)),
+    ("times", "mul", range(1, 3)),
+):
     for _k in _ks:
         TASKS[f"{_short}{_k}"] = _arithmetic(_op, _k, False)
         TASKS[f"{_short}{_k}_reversed"] = _arithmetic(_op, _k, True)
@@ -71,14 +87,18 @@ def get_task(name: str, **params) -> Task:
     every parameter, defaults included, so the task can be rebuilt exactly.
     """
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, list(TASKS))}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(
+            f"unknown task {name!r}{did_you_mean(name, list(TASKS))}; choose one of {', '.join(TASKS)}"
+        )
     factory = TASKS[name]
     signature = inspect.signature(factory)
     allowed = [p for p in signature.parameters if p != "self"]
     for key in params:
         if key not in allowed:
             takes = ", ".join(allowed) if allowed else "no parameters"
-            raise ConfigError(f"task {name!r} has no parameter {key!r}{did_you_mean(key, allowed)}; it takes {takes}")
+            raise ConfigError(
+                f"task {name!r} has no parameter {key!r}{did_you_mean(key, allowed)}; it takes {takes}"
+            )
     bound = signature.bind(**params)
     bound.apply_defaults()
     try:

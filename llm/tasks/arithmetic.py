@@ -44,17 +44,32 @@ def write_number(value: int, reversed_digits: bool) -> str:
 class Arithmetic(Task):
     """``a <op> b`` for two k-digit operands; op one of plus, minus, times."""
 
-    def __init__(self, op: str, digits: int, *, reversed_digits: bool = False, test_fraction: float = 0.2):
+    def __init__(
+        self,
+        op: str,
+        digits: int,
+        *,
+        reversed_digits: bool = False,
+        test_fraction: float = 0.2,
+    ):
         if op not in OPERATIONS:
-            raise ValueError(f"unknown operation {op!r}; choose one of {', '.join(OPERATIONS)}")
-        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
+            raise ValueError(
+                f"unknown operation {op!r}; choose one of {', '.join(OPERATIONS)}"
+            )
+        if (
+            isinstance(digits, bool)
+            or not isinstance(digits, int)
+            or not 1 <= digits <= 9
+        ):
             raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
         super().__init__(test_fraction=test_fraction)
         self.op, self.digits, self.reversed_digits = op, digits, bool(reversed_digits)
         self.lo, self.hi = operand_range(digits)
         short = {"plus": "add", "minus": "sub", "times": "mul"}[op]
         self.name = f"{short}{digits}" + ("_reversed" if reversed_digits else "")
-        self.description = f"{digits}-digit {op}" + (", answer digits reversed" if reversed_digits else "")
+        self.description = f"{digits}-digit {op}" + (
+            ", answer digits reversed" if reversed_digits else ""
+        )
         # Subtraction may go negative (as in GPT-3), so '-' is an answer character too.
         self.answer_alphabet = string.digits + ("-" if op == "minus" else "")
 
@@ -81,7 +96,11 @@ class Arithmetic(Task):
     def baseline(self) -> dict[str, float]:
         """Exact match: a uniform guess among the integers between the smallest and the
         largest possible answer; per token: a uniform guess from the answer alphabet."""
-        ends = [OPERATIONS[self.op](a, b) for a in (self.lo, self.hi) for b in (self.lo, self.hi)]
+        ends = [
+            OPERATIONS[self.op](a, b)
+            for a in (self.lo, self.hi)
+            for b in (self.lo, self.hi)
+        ]
         return {
             EXACT_MATCH: 1.0 / (max(ends) - min(ends) + 1),
             PER_TOKEN_ACCURACY: 1.0 / len(self.answer_alphabet),
@@ -92,8 +111,14 @@ class ModularAddition(Task):
     """``(a + b) mod m`` for a, b in 0..m-1: ``"Q: What is 48 plus 76 mod 97?\\nA: 27"``."""
 
     def __init__(self, modulus: int = 97, *, test_fraction: float = 0.2):
-        if isinstance(modulus, bool) or not isinstance(modulus, int) or not 2 <= modulus <= 10**6:
-            raise ValueError(f"modulus must be an integer in 2..1000000, got {modulus!r}")
+        if (
+            isinstance(modulus, bool)
+            or not isinstance(modulus, int)
+            or not 2 <= modulus <= 10**6
+        ):
+            raise ValueError(
+                f"modulus must be an integer in 2..1000000, got {modulus!r}"
+            )
         super().__init__(test_fraction=test_fraction)
         self.modulus = modulus
         self.name = "modadd"
@@ -116,9 +141,14 @@ class ModularAddition(Task):
     def all_items(self):
         if self.modulus**2 > MAX_ENUMERATED:
             return None
-        return [self.item(a, b) for a in range(self.modulus) for b in range(self.modulus)]
+        return [
+            self.item(a, b) for a in range(self.modulus) for b in range(self.modulus)
+        ]
 
     @property
     def baseline(self) -> dict[str, float]:
         """Exact match: a uniform guess among the m residues; per token: among the digits."""
-        return {EXACT_MATCH: 1.0 / self.modulus, PER_TOKEN_ACCURACY: 1.0 / len(self.answer_alphabet)}
+        return {
+            EXACT_MATCH: 1.0 / self.modulus,
+            PER_TOKEN_ACCURACY: 1.0 / len(self.answer_alphabet),
+        }

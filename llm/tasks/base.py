@@ -15,15 +15,19 @@ characters. Targets are single lines: generation stops at ``stop``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
-# Metric names of the random baselines (analysis computes the metrics themselves).
+# Metric names of the random baselines, spelled as analysis.emergence_metrics spells
+# the metrics (analysis computes them from the eval records; llm cannot import it).
 EXACT_MATCH = "exact_match"
-PER_TOKEN_ACCURACY = "per_token_accuracy"
-MULTIPLE_CHOICE_ACCURACY = "multiple_choice_accuracy"
+PER_TOKEN_ACCURACY = (
+    "token_accuracy"  # per target character (= token for a byte-level model)
+)
+MULTIPLE_CHOICE_ACCURACY = "mc_accuracy"
+BRIER = "brier"  # sum over choices of (p_k - onehot_k)^2; lower is better
 
 # Spaces up to this size are enumerated once and cached; larger ones are sampled.
 MAX_ENUMERATED = 100_000
@@ -53,10 +57,16 @@ class Item:
         if not self.key:
             raise ValueError("Item.key must be a non-empty canonical key")
         if self.choices or self.answer_index is not None:
-            if self.answer_index is None or not 0 <= self.answer_index < len(self.choices):
-                raise ValueError(f"answer_index {self.answer_index} is not an index of {len(self.choices)} choices")
+            if self.answer_index is None or not 0 <= self.answer_index < len(
+                self.choices
+            ):
+                raise ValueError(
+                    f"answer_index {self.answer_index} is not an index of {len(self.choices)} choices"
+                )
             if self.choices[self.answer_index] != self.target:
-                raise ValueError(f"choices[{self.answer_index}] = {self.choices[self.answer_index]!r} is not the target {self.target!r}")
+                raise ValueError(
+                    f"choices[{self.answer_index}] = {self.choices[self.answer_index]!r} is not the target {self.target!r}"
+                )
 
     @property
     def text(self) -> str:
@@ -142,7 +152,10 @@ class Task:
             items = self.all_items()
             if items is None:
                 return None
-            self._pools = {s: [it for it in items if self._in_split(s, it.key)] for s in ("train", "test")}
+            self._pools = {
+                s: [it for it in items if self._in_split(s, it.key)]
+                for s in ("train", "test")
+            }
         return self._pools[split]
 
     def split_size(self, split: str) -> int | None:
@@ -151,28 +164,54 @@ class Task:
         return None if pool is None else len(pool)
 
     def _rng(self, purpose: str, seed: int, *extra: int) -> np.random.Generator:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or seed < 0
+        ):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         # The task name is mixed in so that two tasks with one seed draw unrelated items.
-        return np.random.default_rng([_stable_int(self.name), _PURPOSE[purpose], int(seed), *extra])
+        return np.random.default_rng(
+            [_stable_int(self.name), _PURPOSE[purpose], int(seed), *extra]
+        )
 
-    def _draw(self, split: str, n: int, rng: np.random.Generator, exclude_key: str | None = None) -> list[Item]:
+    def _draw(
+        self,
+        split: str,
+        n: int,
+        rng: np.random.Generator,
+        exclude_key: str | None = None,
+    ) -> list[Item]:
         """Up to n distinct items of a split (all of them when the split is smaller), in random order."""
         pool = self._pool(split)
         if pool is not None:
-            if exclude_key is not None:
-                pool = [it for it in pool if it.key != exclude_key]
-            order = rng.permutation(len(pool))[:n]
-            return [pool[i] for i in order]
+            # A few spare draws cover the excluded key (at most two items share one, e.g.
+            # 48 + 76 and 76 + 48); shuffle all of a pool only when that is not enough.
+            spare = 0 if exclude_key is None else 2
+            picks = rng.choice(len(pool), size=min(len(pool), n + spare), replace=False)
+            out = [pool[i] for i in picks if pool[i].key != exclude_key][:n]
+            if len(out) < n and len(picks) < len(pool):
+                out = [
+                    pool[i]
+                    for i in rng.permutation(len(pool))
+                    if pool[i].key != exclude_key
+                ][:n]
+            return out
         out: list[Item] = []
         seen: set[str] = set()
         tries = 0
         while len(out) < n:
             tries += 1
             if tries > 100 * n + 10_000:
-                raise RuntimeError(f"task {self.name}: could not draw {n} distinct {split} items")
+                raise RuntimeError(
+                    f"task {self.name}: could not draw {n} distinct {split} items"
+                )
             item = self.sample(rng)
-            if item.text in seen or item.key == exclude_key or not self._in_split(split, item.key):
+            if (
+                item.text in seen
+                or item.key == exclude_key
+                or not self._in_split(split, item.key)
+            ):
                 continue
             seen.add(item.text)
             out.append(item)
@@ -194,7 +233,9 @@ class Task:
         pool = self._pool("train")
         if pool is not None:
             if not pool:
-                raise ValueError(f"task {self.name} has no train items (test_fraction {self.test_fraction})")
+                raise ValueError(
+                    f"task {self.name} has no train items (test_fraction {self.test_fraction})"
+                )
             while True:
                 for i in rng.permutation(len(pool)):
                     yield pool[i]
@@ -213,7 +254,9 @@ class Task:
         rng = self._rng("few_shot", seed, _stable_int(item.key))
         demos = self._draw("train", shots, rng, exclude_key=item.key)
         if len(demos) < shots:
-            raise ValueError(f"task {self.name}: {shots} shots asked, the train split holds {len(demos)} other items")
+            raise ValueError(
+                f"task {self.name}: {shots} shots asked, the train split holds {len(demos)} other items"
+            )
         return demos
 
     def few_shot_prompt(self, item: Item, shots: int, seed: int) -> str:
@@ -222,7 +265,9 @@ class Task:
         demos = self.few_shot_items(item, shots, seed)
         return self.few_shot_separator.join([d.text for d in demos] + [item.prompt])
 
-    def pretraining_text(self, n_items: int | None, seed: int, items_per_document: int = 16) -> Iterator[str]:
+    def pretraining_text(
+        self, n_items: int | None, seed: int, items_per_document: int = 16
+    ) -> Iterator[str]:
         """Documents of train items (each ``items_per_document`` items joined by the separator,
         the few-shot format) for mixing into pre-training; ``n_items`` in all, or endless
         when None (stop at a character budget). Test items never appear (unless memorisation)."""

@@ -14,20 +14,34 @@ import string
 import numpy as np
 
 from llm.tasks.arithmetic import operand_range
-from llm.tasks.base import EXACT_MATCH, MAX_ENUMERATED, MULTIPLE_CHOICE_ACCURACY, PER_TOKEN_ACCURACY, Item, Task
+from llm.tasks.base import (
+    BRIER,
+    EXACT_MATCH,
+    MAX_ENUMERATED,
+    MULTIPLE_CHOICE_ACCURACY,
+    PER_TOKEN_ACCURACY,
+    Item,
+    Task,
+)
 
 
 class Larger(Task):
     """Which of two different k-digit numbers is larger."""
 
     def __init__(self, digits: int = 2, *, test_fraction: float = 0.2):
-        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
+        if (
+            isinstance(digits, bool)
+            or not isinstance(digits, int)
+            or not 1 <= digits <= 9
+        ):
             raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
         super().__init__(test_fraction=test_fraction)
         self.digits = digits
         self.lo, self.hi = operand_range(digits)
         self.name = "larger"
-        self.description = f"which of two {digits}-digit numbers is larger (multiple choice)"
+        self.description = (
+            f"which of two {digits}-digit numbers is larger (multiple choice)"
+        )
         self.answer_alphabet = string.digits
 
     def item(self, a: int, b: int) -> Item:
@@ -57,5 +71,10 @@ class Larger(Task):
     @property
     def baseline(self) -> dict[str, float]:
         """Picking one of the two numbers at random: 1/2 for choice and exact match;
-        per token: a uniform digit."""
-        return {EXACT_MATCH: 0.5, MULTIPLE_CHOICE_ACCURACY: 0.5, PER_TOKEN_ACCURACY: 0.1}
+        Brier of the uniform guess (1/2, 1/2): 1/2; per token: a uniform digit."""
+        return {
+            EXACT_MATCH: 0.5,
+            MULTIPLE_CHOICE_ACCURACY: 0.5,
+            BRIER: 0.5,
+            PER_TOKEN_ACCURACY: 0.1,
+        }

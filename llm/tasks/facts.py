@@ -26,7 +26,9 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     return value
 
 
-def fact_table(n_keys: int, key_len: int, value_len: int, table_seed: int) -> list[tuple[str, str]]:
+def fact_table(
+    n_keys: int, key_len: int, value_len: int, table_seed: int
+) -> list[tuple[str, str]]:
     """``n_keys`` (key, value) pairs: distinct keys of ``key_len`` characters from
     KEY_ALPHABET, values of ``value_len`` characters from VALUE_ALPHABET, in key order."""
     rng = np.random.default_rng([0xFAC7, table_seed])
@@ -39,7 +41,9 @@ def fact_table(n_keys: int, key_len: int, value_len: int, table_seed: int) -> li
             code, r = divmod(code, len(KEY_ALPHABET))
             chars.append(KEY_ALPHABET[r])
         value = rng.integers(0, len(VALUE_ALPHABET), size=value_len)
-        table.append(("".join(reversed(chars)), "".join(VALUE_ALPHABET[i] for i in value)))
+        table.append(
+            ("".join(reversed(chars)), "".join(VALUE_ALPHABET[i] for i in value))
+        )
     return table
 
 
@@ -48,7 +52,13 @@ class Facts(Task):
 
     memorisation = True
 
-    def __init__(self, n_keys: int = 768, key_len: int = 2, value_len: int = 8, table_seed: int = 0):
+    def __init__(
+        self,
+        n_keys: int = 768,
+        key_len: int = 2,
+        value_len: int = 8,
+        table_seed: int = 0,
+    ):
         super().__init__()
         self.key_len = _check_int("key_len", key_len, 1, 4)
         self.n_keys = _check_int("n_keys", n_keys, 1, len(KEY_ALPHABET) ** key_len)
@@ -57,8 +67,13 @@ class Facts(Task):
         self.name = "facts"
         self.description = f"memorised facts: {n_keys} keys of {key_len} characters -> {value_len} random letters"
         self.answer_alphabet = VALUE_ALPHABET
-        self.table = fact_table(self.n_keys, self.key_len, self.value_len, self.table_seed)
-        self._items = [Item(prompt=f"Q: {k}\nA: ", target=v, key=f"fact:{k}") for k, v in self.table]
+        self.table = fact_table(
+            self.n_keys, self.key_len, self.value_len, self.table_seed
+        )
+        self._items = [
+            Item(prompt=f"Q: {k}\nA: ", target=v, key=f"fact:{k}")
+            for k, v in self.table
+        ]
 
     def sample(self, rng: np.random.Generator) -> Item:
         return self._items[int(rng.integers(len(self._items)))]

@@ -29,7 +29,9 @@ class Copying(Task):
 
     def __init__(self, length: int = 8, *, test_fraction: float = 0.2):
         super().__init__(test_fraction=test_fraction)
-        self.length = _check_int("length", length, 4, 256)  # 26**4 strings: room for distinct items
+        self.length = _check_int(
+            "length", length, 4, 256
+        )  # 26**4 strings: room for distinct items
         self.name = "copy"
         self.description = f"copy a random string of {length} letters (induction)"
         self.answer_alphabet = string.ascii_lowercase
@@ -52,12 +54,16 @@ class Copying(Task):
 class AssociativeRecall(Task):
     """``n_pairs`` pairs of a distinct letter and a ``value_len``-digit value, then a query letter."""
 
-    def __init__(self, n_pairs: int = 6, value_len: int = 1, *, test_fraction: float = 0.2):
+    def __init__(
+        self, n_pairs: int = 6, value_len: int = 1, *, test_fraction: float = 0.2
+    ):
         super().__init__(test_fraction=test_fraction)
         self.n_pairs = _check_int("n_pairs", n_pairs, 2, 26)
         self.value_len = _check_int("value_len", value_len, 1, 16)
         self.name = "recall"
-        self.description = f"associative recall: {n_pairs} key=value pairs, then a query key"
+        self.description = (
+            f"associative recall: {n_pairs} key=value pairs, then a query key"
+        )
         self.answer_alphabet = string.digits
 
     def item(self, pairs: list[tuple[str, str]], query: str) -> Item:
@@ -71,7 +77,9 @@ class AssociativeRecall(Task):
         )
 
     def sample(self, rng: np.random.Generator) -> Item:
-        keys = rng.choice(list(string.ascii_lowercase), size=self.n_pairs, replace=False)
+        keys = rng.choice(
+            list(string.ascii_lowercase), size=self.n_pairs, replace=False
+        )
         digits = rng.integers(0, 10, size=(self.n_pairs, self.value_len))
         pairs = [(str(k), "".join(map(str, row))) for k, row in zip(keys, digits)]
         return self.item(pairs, pairs[int(rng.integers(self.n_pairs))][0])

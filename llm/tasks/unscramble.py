@@ -14,25 +14,33 @@ import functools
 import math
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from llm.tasks.base import EXACT_MATCH, PER_TOKEN_ACCURACY, Item, Task, _stable_int
 
 
-@functools.lru_cache(maxsize=8)
-def corpus_words(corpus: str = "kjv", n_words: int = 2000, min_len: int = 4, max_len: int = 8) -> tuple[str, ...]:
-    """The ``n_words`` most frequent all-lowercase words of ``min_len``..``max_len``
-    letters in a builtin corpus (``kjv``, ``gcide``, ``english``), most frequent first."""
+@functools.lru_cache(maxsize=4)
+def _ranked_words(corpus: str) -> tuple[str, ...]:
+    """All-lowercase words of a builtin corpus, most frequent first (ties alphabetical)."""
     from llm.data.builtin import builtin_corpus  # reads package files: only when asked
 
     _, documents = builtin_corpus(corpus)
     counts: collections.Counter[str] = collections.Counter()
     for _, text in documents:
-        counts.update(w for w in re.findall(r"[A-Za-z]+", text) if w.islower() and min_len <= len(w) <= max_len)
-    ranked = sorted(counts, key=lambda w: (-counts[w], w))
-    return tuple(ranked[:n_words])
+        counts.update(w for w in re.findall(r"[A-Za-z]+", text) if w.islower())
+    return tuple(sorted(counts, key=lambda w: (-counts[w], w)))
+
+
+def corpus_words(
+    corpus: str = "kjv", n_words: int = 2000, min_len: int = 4, max_len: int = 8
+) -> tuple[str, ...]:
+    """The ``n_words`` most frequent all-lowercase words of ``min_len``..``max_len``
+    letters in a builtin corpus (``kjv``, ``gcide``, ``english``), most frequent first."""
+    return tuple(
+        [w for w in _ranked_words(corpus) if min_len <= len(w) <= max_len][:n_words]
+    )
 
 
 def scramble(word: str) -> str:
@@ -76,7 +84,9 @@ class Unscramble(Task):
                 raise ValueError("words must be a list of strings")
             bad = [w for w in words if not w or set(w) - set(string.ascii_lowercase)]
             if bad:
-                raise ValueError(f"words must be lowercase letters a-z only, got {bad[0]!r}")
+                raise ValueError(
+                    f"words must be lowercase letters a-z only, got {bad[0]!r}"
+                )
             source = f"{len(words)} given words"
         kept, seen = [], set()
         for w in words:
@@ -85,7 +95,9 @@ class Unscramble(Task):
                 seen.add(letters)
                 kept.append(w)
         if not kept:
-            raise ValueError("unscramble needs at least one word with two different letters")
+            raise ValueError(
+                "unscramble needs at least one word with two different letters"
+            )
         self.words = tuple(kept)
         self.name = "unscramble"
         self.description = f"unscramble a word; {source}"
@@ -94,7 +106,11 @@ class Unscramble(Task):
 
     def item(self, word: str) -> Item:
         """The item that asks to unscramble ``word``."""
-        return Item(prompt=f"Q: Unscramble {scramble(word)}\nA: ", target=word, key=f"letters:{''.join(sorted(word))}")
+        return Item(
+            prompt=f"Q: Unscramble {scramble(word)}\nA: ",
+            target=word,
+            key=f"letters:{''.join(sorted(word))}",
+        )
 
     def sample(self, rng: np.random.Generator) -> Item:
         return self._items[int(rng.integers(len(self._items)))]
