@@ -43,18 +43,21 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, cfg.d_ff, rngs=rngs)
 
-    def __call__(self, x_BTD, sin_TH2, cos_TH2):
-        """Returns (x_BTD, stats): stats is the MoE layer's dict of float32 scalars or {}."""
+    def __call__(self, x_BTD, sin_TH2, cos_TH2, valid_BT=None):
+        """Returns (x_BTD, stats): stats is the MoE layer's dict of float32 scalars or {}.
+
+        valid_BT (optional [batch, time] mask) reaches the MoE layer only; dense blocks ignore it.
+        """
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), sin_TH2, cos_TH2)
         if self.is_moe:
-            h_BTD, stats = self.mlp(self.mlp_norm(x_BTD))
+            h_BTD, stats = self.mlp(self.mlp_norm(x_BTD), valid_BT)
         else:
             h_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), {}
         return x_BTD + h_BTD, stats
 
 
-def _run_block(block: Block, x_BTD, sin_TH2, cos_TH2):
-    return block(x_BTD, sin_TH2, cos_TH2)
+def _run_block(block: Block, x_BTD, sin_TH2, cos_TH2, valid_BT):
+    return block(x_BTD, sin_TH2, cos_TH2, valid_BT)
 
 
 # Rematerialised variant: activations inside a block are recomputed in the backward pass.
@@ -74,12 +77,16 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype)
 
-    def __call__(self, tokens_BT: jax.Array):
+    def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None):
         """Next-token logits for every position.
 
         Args:
           tokens_BT: int32 token ids [batch, time]; time may be at most anything (RoPE
             has no table limit) but the model was trained at cfg.seq_len.
+          valid_BT: optional bool or 0/1 [batch, time], False/0 marking padding; None
+            means all tokens are real. Under capacity routing padding claims no expert
+            slot, so real tokens are never dropped because of it; MoE statistics and
+            aux losses leave it out. Dense models ignore it (the caller masks the loss).
         Returns:
           logits_BTV: float32 [batch, time, vocab_size].
           aux: {"aux_loss": float32 scalar, already weighted by the MoE coefficients
@@ -88,12 +95,14 @@ class Transformer(nnx.Module):
         cfg, cdt = self.cfg, self.compute_dtype
         if tokens_BT.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
+        if valid_BT is not None and tuple(valid_BT.shape) != tuple(tokens_BT.shape):
+            raise ValueError(f"valid_BT shape {tuple(valid_BT.shape)} differs from tokens {tuple(tokens_BT.shape)}")
         sin_TH2, cos_TH2 = rope_tables(tokens_BT.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt)
         run = _run_block_remat if cfg.remat else _run_block
         layer_stats = {}
         for i, block in enumerate(self.blocks):
-            x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2)
+            x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2, valid_BT)
             if stats:
                 layer_stats[i] = stats
         x_BTD = self.final_norm(x_BTD)

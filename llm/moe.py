@@ -7,20 +7,34 @@ identically 1 and the router would get no gradient from the language-model loss.
 
 Dispatch, same semantics wherever no token is dropped:
   * dropless (capacity_factor None): sort the token-expert assignments by expert and
-    run grouped matmuls with ``jax.lax.ragged_dot``; nothing is ever dropped.
-  * capacity (capacity_factor set): each expert takes at most
-    C = min(S, ceil(capacity_factor * S * top_k / n_experts)) assignments of the S
-    tokens in the batch; first choices claim slots before second choices (GShard),
-    earlier tokens before later ones. One-hot dispatch/combine einsums; assignments
-    over capacity are dropped (the token keeps only its residual for that expert).
-    Which assignments fit depends on the whole batch, later positions included, so
-    the capacity path is not strictly causal (as in Switch/GShard); dropless is.
+    run grouped matmuls (``jax.lax.ragged_dot`` or the blocked kernel, llm.grouped;
+    "auto" picks per platform, ``resolve_grouped_matmul``); nothing is ever dropped.
+  * capacity (capacity_factor set): routing is done per group, and a group is one
+    sequence (GShard/Switch route in groups too). Each expert takes at most
+    C = min(T, ceil(capacity_factor * T * top_k / n_experts)) assignments of the T
+    tokens of a sequence; first choices claim slots before second choices (GShard),
+    earlier tokens before later ones. Assignments over capacity are dropped (the
+    token keeps only its residual for that expert). Tokens are scattered into an
+    [E, C] slot buffer per sequence and gathered back, so memory is
+    O(batch * T * top_k * capacity_factor * d_model): linear in batch tokens (the
+    former whole-batch one-hot dispatch tensors were [B*T, E, C] with C ~ B*T).
+    Why per sequence rather than a fixed group size: a sequence's outputs then never
+    depend on the other sequences in the batch, so batch size, gradient accumulation
+    and eval micro-batching (padding rows included) do not change any result; and
+    seq_len is already the natural, static group size. Within a sequence the path is
+    not strictly causal (later tokens' first choices precede earlier tokens' second
+    choices, as in Switch/GShard); dropless is.
+Token validity (``valid_BT``, e.g. eval padding): invalid tokens claim no capacity
+slot (they are never dispatched, so they cannot push real tokens out) and are left
+out of every statistic and aux loss below. Dropless paths compute them (they cannot
+affect other tokens there) but they are equally left out of the statistics.
 n_shared always-on shared experts run densely on every token (one MLP of width
 n_shared * d_ff_expert, which is exactly the sum of n_shared experts).
 
 Auxiliary losses (float32, unweighted here; the model weights and sums them):
   * Switch load balance: n_experts * sum_e f_e * P_e with f_e the fraction of the
-    S * top_k assignments routed to e and P_e the mean router probability of e:
+    S * top_k assignments routed to e and P_e the mean router probability of e
+    (S = the valid tokens of the batch):
     1.0 under uniform routing, up to n_experts when routing collapses.
   * ST-MoE router z-loss: mean over tokens of logsumexp(router logits)^2.
 """
@@ -68,10 +82,20 @@ class MoE(nnx.Module):
         h_gate = matmul(x, self.w_gate_EDF[...].astype(cdt)) if self.kind == "swiglu" else None
         return matmul(activation(self.kind, h_in, h_gate), self.w_out_EFD[...].astype(cdt))
 
-    def __call__(self, x_BTD: jax.Array):
+    def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+        """Routed MLP of every token.
+
+        Args:
+          x_BTD: [batch, time, d_model] activations.
+          valid_BT: optional bool or 0/1 [batch, time]; None means every token is real.
+            Invalid tokens take no expert capacity and are left out of the stats.
+        Returns:
+          y_BTD in compute dtype, and stats: float32 scalars (losses, load, drops, entropy).
+        """
         b, t, d = x_BTD.shape
         s, e, k, cdt = b * t, self.n_experts, self.top_k, self.compute_dtype
         x_SD = x_BTD.reshape(s, d).astype(cdt)
+        valid_S = jnp.ones((s,), bool) if valid_BT is None else jnp.asarray(valid_BT).reshape(s).astype(bool)
         logits_SE = x_SD.astype(jnp.float32) @ self.router_DE[...].astype(jnp.float32)
         probs_SE = jax.nn.softmax(logits_SE, axis=-1)
         top_p_SK, expert_SK = jax.lax.top_k(probs_SE, k)
@@ -79,19 +103,24 @@ class MoE(nnx.Module):
         if self.capacity_factor is None:
             y_SD, dropped = self._dropless(x_SD, expert_SK, weight_SK), jnp.int32(0)
         else:
-            y_SD, dropped = self._capacity(x_SD, expert_SK, weight_SK)
+            y_SD, dropped = self._capacity(x_SD, expert_SK, weight_SK, valid_S, group=t)
         if self.shared is not None:
             y_SD = y_SD + self.shared(x_SD)
 
-        load_E = jnp.bincount(expert_SK.reshape(-1), length=e).astype(jnp.float32) / (s * k)
+        # Statistics over valid tokens only (max(., 1): an all-padding batch gives zeros, not NaN);
+        # elementwise sums, not matmuls, so no TF32 rounding on GPUs.
+        w_S = valid_S.astype(jnp.float32)
+        n_valid = jnp.maximum(jnp.sum(w_S), 1.0)
+        load_E = jnp.bincount(expert_SK.reshape(-1), weights=jnp.repeat(w_S, k), length=e) / (n_valid * k)
+        entropy_S = -jnp.sum(probs_SE * jnp.log(probs_SE + 1e-20), axis=-1)
         stats = {
-            "load_balance_loss": e * jnp.sum(load_E * jnp.mean(probs_SE, axis=0)),
-            "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits_SE, axis=-1))),
+            "load_balance_loss": e * jnp.sum(load_E * jnp.sum(probs_SE * w_S[:, None], axis=0) / n_valid),
+            "router_z_loss": jnp.sum(w_S * jnp.square(jax.nn.logsumexp(logits_SE, axis=-1))) / n_valid,
             "load_min": jnp.min(load_E),
             "load_max": jnp.max(load_E),
-            "load_cv": jnp.std(load_E) / jnp.mean(load_E),
-            "drop_fraction": dropped.astype(jnp.float32) / (s * k),
-            "router_entropy": -jnp.mean(jnp.sum(probs_SE * jnp.log(probs_SE + 1e-20), axis=-1)),
+            "load_cv": jnp.std(load_E) / jnp.maximum(jnp.mean(load_E), 1e-20),
+            "drop_fraction": dropped.astype(jnp.float32) / (n_valid * k),
+            "router_entropy": jnp.sum(w_S * entropy_S) / n_valid,
         }
         return y_SD.reshape(b, t, d).astype(cdt), stats
 
@@ -116,19 +145,26 @@ class MoE(nnx.Module):
         out_SKD = out_PD[dest_A].reshape(s, k, -1)
         return jnp.einsum("skd,sk->sd", out_SKD.astype(jnp.float32), weight_SK)
 
-    def _capacity(self, x_SD, expert_SK, weight_SK):
+    def _capacity(self, x_SD, expert_SK, weight_SK, valid_S, group: int):
+        """Capacity dispatch in groups of ``group`` consecutive tokens (one sequence each).
+
+        Returns (y_SD float32, number of valid assignments dropped).
+        """
         s, k = expert_SK.shape
-        c = expert_capacity(self.capacity_factor, s, k, self.n_experts)
-        onehot_SKE = jax.nn.one_hot(expert_SK, self.n_experts, dtype=jnp.int32)
-        # Slot of each assignment in its expert's queue: first choices of all tokens first.
-        onehot_AE = onehot_SKE.transpose(1, 0, 2).reshape(k * s, self.n_experts)
-        slot_AE = (jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE
-        slot_SK = jnp.sum(slot_AE, axis=-1).reshape(k, s).T
-        keep_SK = slot_SK < c
-        slot_SKC = jax.nn.one_hot(slot_SK, c, dtype=jnp.float32) * keep_SK[..., None]
-        dispatch_SEC = jnp.einsum("ske,skc->sec", onehot_SKE.astype(jnp.float32), slot_SKC)
-        combine_SEC = jnp.einsum("ske,skc,sk->sec", onehot_SKE.astype(jnp.float32), slot_SKC, weight_SK)
-        x_ECD = jnp.einsum("sec,sd->ecd", dispatch_SEC.astype(x_SD.dtype), x_SD)
-        out_ECD = self._experts(x_ECD, lambda x, w: jnp.einsum("eca,eab->ecb", x, w))
-        y_SD = jnp.einsum("sec,ecd->sd", combine_SEC, out_ECD.astype(jnp.float32))
-        return y_SD, jnp.sum(~keep_SK).astype(jnp.int32)
+        e, g, d = self.n_experts, s // group, x_SD.shape[-1]
+        c = expert_capacity(self.capacity_factor, group, k, e)
+        # Assignments of a group in queue order a = choice * group + position: first choices first.
+        expert_GA = expert_SK.reshape(g, group, k).transpose(0, 2, 1).reshape(g, k * group)
+        valid_GA = jnp.tile(valid_S.reshape(g, 1, group), (1, k, 1)).reshape(g, k * group)
+        onehot_GAE = jax.nn.one_hot(expert_GA, e, dtype=jnp.int32) * valid_GA[..., None]  # padding queues nowhere
+        slot_GA = jnp.sum((jnp.cumsum(onehot_GAE, axis=1) - 1) * onehot_GAE, axis=-1)
+        keep_GA = valid_GA & (slot_GA < c)
+        dest_GA = jnp.where(keep_GA, expert_GA * c + slot_GA, e * c)  # e * c: out of range, never written
+        x_GAD = jnp.tile(x_SD.reshape(g, 1, group, d), (1, k, 1, 1)).reshape(g, k * group, d)
+        rows_G1 = jnp.arange(g)[:, None]
+        x_GECD = jnp.zeros((g, e * c, d), x_SD.dtype).at[rows_G1, dest_GA].set(x_GAD, mode="drop").reshape(g, e, c, d)
+        out_GECD = self._experts(x_GECD, lambda x, w: jnp.einsum("geca,eab->gecb", x, w))
+        out_GAD = out_GECD.reshape(g, e * c, -1)[rows_G1, jnp.minimum(dest_GA, e * c - 1)].astype(jnp.float32)
+        weight_GA = weight_SK.reshape(g, group, k).transpose(0, 2, 1).reshape(g, k * group) * keep_GA
+        y_SD = jnp.sum((out_GAD * weight_GA[..., None]).reshape(g, k, group, d), axis=1).reshape(s, d)
+        return y_SD, jnp.sum(valid_GA & ~keep_GA).astype(jnp.int32)
