@@ -174,23 +174,50 @@ def _ray_run_command(cmd: list[str], env: dict[str, str], log_path: str) -> int:
         ).returncode
 
 
+# Ray's switch for a single-machine instance (its default on macOS and Windows): the node
+# address is the loopback one, so every Ray service binds 127.0.0.1 instead of the machine's
+# network address. Read when ray is imported. (ray.init(_node_ip_address="127.0.0.1") does
+# not do it: Ray replaces a loopback node address by the network one.)
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_local_only() -> None:
+    """Make a local Ray instance listen on the loopback interface only (unless the user set the switch)."""
+    if os.environ.setdefault(RAY_LOCAL_ONLY_ENV, "0") != "0":
+        return
+    constants = sys.modules.get("ray._private.ray_constants")  # ray imported already: the value it read
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """Arguments of ``ray.init``: join the cluster at ``address``, else start a local instance
+    (with ``ray_local_only``: by default Ray would bind the machine's network address, so anyone
+    on the network could reach a laptop's sweep)."""
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    return kwargs
+
+
 class RayBackend:
     """Each run a Ray task with ``num_cpus``/``num_gpus``; Ray packs them onto the cluster."""
 
     name = "ray"
 
     def __init__(self, parallel: int | None = None, num_cpus: float = 1.0, gpus_per_run: int = 1, address: str | None = None):
+        address = address or os.environ.get("RAY_ADDRESS")
         try:
             import ray
         except ImportError:
             raise ConfigError("--backend ray needs Ray: pip install 'chinchax[ray]' (or pip install ray)") from None
         self.ray = ray
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            address = address or os.environ.get("RAY_ADDRESS")
-            if address:
-                kwargs["address"] = address
-            ray.init(**kwargs)
+            if not address:
+                ray_local_only()
+            ray.init(**ray_init_kwargs(address))
         num_gpus = float(gpus_per_run) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         self.parallel = parallel or 1_000_000  # Ray queues tasks by their resource request
         self.task = ray.remote(_ray_run_command).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
