@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from analysis import figures
 from analysis.bootstrap import DEFAULT_PERCENTILES
-from analysis.load import AnalysisError, load_runs
+from analysis.load import AnalysisError, load_runs, read_json
 from analysis.pipeline import DEFAULT_LAWS, fit_points
 from analysis.prepare import prepare
 from analysis.report import write_outputs
+from rundir import not_a_folder
+
+# What plot_path needs from a fits.json to redraw the figures.
+FITS_KEYS = ("flops_convention", "n_params_column", "loss_column", "budgets")
 
 
 def default_out_dir(path) -> Path:
@@ -42,6 +45,10 @@ def fit_path(
     include_stale: in a sweep directory, also fit run folders its index.json does not list (by
     default they are left out with a warning: they belong to an earlier version of the spec).
     """
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    problem = not_a_folder(out_dir)
+    if problem:  # found now, not after minutes of fitting
+        raise AnalysisError(f"cannot write the fits to {out_dir}: {problem}")
     runs, curves = load_runs(path, include_stale=include_stale)
     pts = prepare(runs, curves, flops=flops, n_params=n_params, loss=loss, exclude=exclude)
     fits = fit_points(
@@ -53,7 +60,6 @@ def fit_path(
     fits["exclude"] = sorted(map(str, exclude))
     fits["flops_requested"] = flops
     fits["include_stale"] = bool(include_stale)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures.draw_all(pts, fits, out_dir) if figures_ else []
     fits["outputs"] = write_outputs(out_dir, fits, figs) | {"figures": figs}
@@ -66,7 +72,10 @@ def plot_path(path, out_dir=None) -> list[str]:
     fits_file = out_dir / "fits.json"
     if not fits_file.is_file():
         raise AnalysisError(f"{fits_file} not found: run `chinchax fit {path}` (analysis.fit_path) first")
-    fits = json.loads(fits_file.read_text())
+    fits = read_json(fits_file)
+    missing = [k for k in FITS_KEYS if k not in fits]
+    if missing:
+        raise AnalysisError(f"{fits_file} lacks {', '.join(missing)}: not a complete fits.json; rerun `chinchax fit {path}`")
     runs, curves = load_runs(path, include_stale=fits.get("include_stale", False))
     pts = prepare(runs, curves, flops=fits.get("flops_requested", fits["flops_convention"]),
                   n_params=fits["n_params_column"], loss=fits["loss_column"], exclude=fits.get("exclude", ()))  # fmt: skip

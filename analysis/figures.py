@@ -6,7 +6,7 @@ Every function takes the prepared points and the fits dict (as written to fits.j
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 from analysis import parametric, references  # noqa: E402
 from analysis.laws import law_from_name  # noqa: E402
 from analysis.prepare import Points  # noqa: E402
+from rundir import write_bytes_atomic  # noqa: E402
 
 APPROACH_STYLE = {"1": ("tab:blue", "Approach 1 (envelope)"), "2": ("tab:orange", "Approach 2 (IsoFLOP)"),
                   "3": ("tab:green", "Approach 3 (parametric)")}  # fmt: skip
@@ -52,13 +53,15 @@ def _tidy_log_axes(fig) -> None:
 def _save(fig, out_dir: Path, name: str) -> list[str]:
     _tidy_log_axes(fig)
     paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{name}.{ext}"
-        tmp = out_dir / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
-        paths.append(str(path))
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            path = out_dir / f"{name}.{ext}"
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=150)
+            write_bytes_atomic(path, buf.getvalue())
+            paths.append(str(path))
+    finally:
+        plt.close(fig)
     return paths
 
 

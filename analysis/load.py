@@ -83,11 +83,15 @@ def _is_run_dir(path: Path) -> bool:
     return (path / "result.json").is_file() or (path / "metrics.jsonl").is_file()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; AnalysisError naming the file when it is unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AnalysisError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{path} holds a JSON {type(data).__name__}, not an object: the file is damaged")
+    return data
 
 
 def _read_metrics(path: Path, run: str) -> list[dict]:
@@ -137,7 +141,7 @@ def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
     run = path.name
     curve = _read_metrics(path / "metrics.jsonl", run)
     if (path / "result.json").is_file():
-        res = _read_json(path / "result.json")
+        res = read_json(path / "result.json")
         run = res.get("run_name") or run
         for rec in curve:
             rec["run"] = run
@@ -155,10 +159,20 @@ def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
 
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if path.suffix in (".parquet", ".pq"):
-        table = pd.read_parquet(path)
-    else:
-        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    parquet = path.suffix.lower() in (".parquet", ".pq")
+    try:
+        if parquet:
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", encoding="utf-8")
+    except ImportError as err:
+        raise AnalysisError(f"{path}: reading Parquet needs pyarrow (pip install 'chinchax[parquet]'): {err}") from err
+    except (ValueError, OSError) as err:  # empty, not UTF-8, not Parquet (pandas and pyarrow raise ValueErrors)
+        kind = "Parquet" if parquet else "UTF-8 CSV/TSV"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AnalysisError(f"{path}: not a readable {kind} table ({reason})") from err
+    if table.empty:
+        raise AnalysisError(f"{path}: the table has no rows")
     table = table.copy()
     if "final_eval_loss" not in table and "loss" in table:
         table["final_eval_loss"] = table["loss"]

@@ -330,6 +330,11 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
         law_from_name(name)  # unknown names fail before any fitting
     if interpolate not in ("auto", "always", "never"):
         raise AnalysisError(f"interpolate={interpolate!r}; expected auto, always or never")
+    for name, value in (("n_bootstrap (--bootstrap)", n_bootstrap), ("seed (--seed)", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise AnalysisError(f"{name} must be an integer >= 0, got {value!r}")
+    if holdout_flops is not None and not (np.isfinite(holdout_flops) and holdout_flops > 0):
+        raise AnalysisError(f"holdout_flops (--holdout-flops) must be a finite FLOP count > 0, got {holdout_flops!r}")
     budgets = default_budgets(pts.points["flops"]) if budgets is None else np.asarray(budgets, float)
     if budgets.ndim != 1 or budgets.size == 0 or not np.all(np.isfinite(budgets) & (budgets > 0)):
         raise AnalysisError(f"budgets must be positive FLOP values, got {budgets.tolist()}")

@@ -117,6 +117,18 @@ def read_result(run_dir: str | Path) -> dict | None:
     return read_json_object(Path(run_dir) / RESULT)
 
 
+def not_a_folder(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as a folder (it, or the nearest existing parent, is a file), or None.
+
+    Checked before any work, so that a bad output path fails at once and writes nothing.
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else f"{p} is a file, not a folder"
+    return None
+
+
 def format_duration(seconds: float) -> str:
     """Short human duration: 42s, 3m07s, 2h05m."""
     seconds = max(0, int(round(seconds)))

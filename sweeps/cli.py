@@ -1,16 +1,19 @@
 """The ``chinchax`` command line: train one run, run sweeps, fit and plot scaling laws.
 
-Exit codes: 0 success, 1 a run or sweep failed, 2 bad input (config, spec, path).
+Exit codes: 0 success; 1 a run or sweep failed, or an output could not be written (disk full,
+no permission: one line naming the file, temporary files removed); 2 bad input (config, spec,
+path, table, argument), reported before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from llm.config import ConfigError
-from rundir import interrupt_on_sigterm
+from rundir import WriteError, interrupt_on_sigterm, not_a_folder
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -27,6 +30,50 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _fail(message: str, code: int = 2) -> int:
     print(f"chinchax: error: {message}", file=sys.stderr)
     return code
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (checked by the parser, before any work or writing)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)
+
+
+def _flops(text: str) -> float:
+    """argparse type: a FLOP count, finite and > 0 (nan, inf, 0 and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a FLOP count such as 1e21, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite FLOP count > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), not the usage block then the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_folder(flag: str, path: Path) -> None:
+    """ConfigError now, before any work, when ``path`` cannot be a folder (it or a parent is a file)."""
+    problem = not_a_folder(path)
+    if problem:
+        raise ConfigError(f"{flag} {path}: {problem}")
 
 
 # --------------------------------------------------------------------------- train
@@ -66,8 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config, overrides = _split_config_and_overrides(args)
     cfg = load_config(config, overrides)
-    if args.run_dir.exists() and not args.run_dir.is_dir():
-        raise ConfigError(f"--run-dir {args.run_dir} exists and is not a directory")
+    _check_folder("--run-dir", args.run_dir)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -79,7 +125,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, args.run_dir)
     finally:
         lock.release()
-    return 0 if result.status == "done" else 1
+    return 0 if result.status == "done" else _fail(f"run failed: {result.error} (see {args.run_dir / 'result.json'})", 1)
 
 
 def _lock_run_dir(run_dir: Path):
@@ -124,9 +170,9 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
                    help="law(s) to fit: kaplan_N, kaplan_D, kaplan_C, kaplan_ND, kaplan_NS, saturating_C, chinchilla; "
                         "append +E for an irreducible term (e.g. kaplan_N+E); 'none' for no laws "
                         "(default: all kaplan_* and saturating_C)")  # fmt: skip
-    p.add_argument("--budgets", type=float, nargs="+", default=None,
+    p.add_argument("--budgets", type=_flops, nargs="+", default=None,
                    help="compute budgets (FLOPs) for the compute-optimal table (default: decades up to 1000x the largest run)")  # fmt: skip
-    p.add_argument("--isoflop-budgets", type=float, nargs="+", default=None,
+    p.add_argument("--isoflop-budgets", type=_flops, nargs="+", default=None,
                    help="Approach-2 IsoFLOP budgets (default: runs grouped by final FLOPs)")  # fmt: skip
     p.add_argument("--interpolate", default="auto", choices=["auto", "always", "never"],
                    help="Approach 2: interpolate training curves onto a budget (auto: only where < 3 runs end at it)")  # fmt: skip
@@ -136,9 +182,9 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
                    help="column used as N (n_params_total, n_params_nonembed, n_params_active, ...)")  # fmt: skip
     p.add_argument("--loss", default="final_eval_loss", choices=["final_eval_loss", "best_eval_loss"], help="loss per run")
     p.add_argument("--exclude", nargs="+", default=(), metavar="RUN", help="run names to leave out")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of runs (0: no intervals)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--holdout-flops", type=float, default=None,
+    p.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples of runs (0: no intervals)")
+    p.add_argument("--seed", type=_count, default=0, help="bootstrap seed")
+    p.add_argument("--holdout-flops", type=_flops, default=None,
                    help="extrapolation check: fit runs below this compute, test on the rest (default: hold out the largest budget)")  # fmt: skip
     p.add_argument("--no-extrapolation", action="store_true", help="skip the extrapolation check")
     p.add_argument("--no-figures", action="store_true", help="write fits and report only")
@@ -213,16 +259,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sweep
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (checked before the sweep directory is touched)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -283,12 +319,12 @@ def _cmd_sweep_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _cmd_sweep_run(args: argparse.Namespace) -> int:
-    from sweeps.runner import run_sweep
+    from sweeps.runner import default_sweep_dir, run_sweep
     from sweeps.spec import read_spec
 
     spec, raw = read_spec(args.spec, args.overrides)
+    _check_folder("--out", args.out if args.out is not None else default_sweep_dir(spec))
     # `kill` (SIGTERM) stops the sweep like Ctrl-C: running runs are stopped cleanly and resume later.
     interrupt_on_sigterm()
     report = run_sweep(
@@ -313,6 +349,7 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     sweep_dir = args.out if args.out is not None else default_sweep_dir(spec)
+    _check_folder("--out", sweep_dir)
     rows = sweep_status(spec, sweep_dir)
     width = max(len(r["name"]) for r in rows)
     print(f"{'name'.ljust(width)}  {'status':11}  {'N':>8}  {'D':>8}  {'C':>8}  {'eval_loss':>9}  error")
@@ -342,7 +379,7 @@ def _cmd_sweep_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``chinchax`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chinchax",
         description="Language-model scaling laws in JAX: train grids of models, fit Kaplan and Chinchilla laws, plot them.",
         formatter_class=_Formatter,
@@ -374,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as err:
         return _fail(str(err))
+    except OSError as err:
+        # Disk full, no permission: the writers removed their temp files; one line naming the file.
+        if isinstance(err, WriteError) or not err.filename:
+            return _fail(str(err), 1)
+        return _fail(f"{err.filename}: {err.strerror or err}", 1)
     except Exception as err:
         # Checkpoint and data problems are the user's to fix: one line, not a traceback.
         if type(err).__name__ == "CheckpointError":

@@ -33,6 +33,125 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+# --------------------------------------------------------------------------- the table
+
+POINTS = "n_params_total,tokens,loss\n" + "".join(
+    f"{n:g},{d:g},{2 + 400 / n**0.34 + 400 / d**0.28:.4f}\n"
+    for n, d in ((1e6, 2e7), (2e6, 4e7), (4e6, 8e7), (1e6, 4e7), (2e6, 8e7), (4e6, 2e7), (8e6, 1e8))
+)
+
+
+@pytest.fixture()
+def inputs(tmp_path, monkeypatch):
+    """Bad files under tmp_path; the data cache points there too, so 'nothing written' covers it."""
+    monkeypatch.setenv("CHINCHAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "header_only.csv").write_text("n_params_total,tokens,loss\n")
+    (tmp_path / "latin1.csv").write_bytes("n_params_total,tokens,loss,caf\xe9\n1,2,3,4\n".encode("latin-1"))
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "ok.csv").write_text(POINTS)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Paragraph {i}: the cat sat on the mat." for i in range(40)))
+    (tmp_path / "list_run").mkdir()
+    (tmp_path / "list_run" / "result.json").write_text("[]\n")
+    for name, text in (("truncated", '{"flops_convention": "6N", "n_par'), ("empty", "{}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ok.csv").write_text(POINTS)
+        (tmp_path / name / "ok_fits").mkdir()
+        (tmp_path / name / "ok_fits" / "fits.json").write_text(text)
+    return tmp_path
+
+
+CASES = [
+    (["train", "--run-dir", "{t}/FILE/sub"], "FILE is a file, not a folder"),
+    (["train", "--run-dir", "{t}/FILE"], "FILE is a file, not a folder"),
+    (["train", "data.cache_dir={t}/FILE", "data.source=text:{t}/corpus.txt", "--run-dir", "{t}/run"],
+     "data cache {t}/FILE/datasets: cannot create it (Not a directory)"),
+    (["train", *HUGE, "--run-dir", "{t}/run"], "too large for memory"),
+    (["sweep", "run", SPEC, "--out", "{t}/FILE", "--no-fit"], "--out {t}/FILE: {t}/FILE is a file"),
+    (["sweep", "run", SPEC, "--out", "{t}/FILE/sub", "--no-fit"], "FILE is a file, not a folder"),
+    (["sweep", "status", SPEC, "--out", "{t}/FILE"], "--out {t}/FILE: {t}/FILE is a file"),
+    (["fit", "{t}/ok.csv", "--out-dir", "{t}/FILE", "--bootstrap", "0"], "cannot write the fits to {t}/FILE"),
+    (["fit", "{t}/empty.csv"], "empty.csv: not a readable UTF-8 CSV/TSV table"),
+    (["fit", "{t}/header_only.csv"], "header_only.csv: the table has no rows"),
+    (["fit", "{t}/latin1.csv"], "latin1.csv: not a readable UTF-8 CSV/TSV table"),
+    (["fit", "{t}/garbage.parquet"], "garbage.parquet: not a readable Parquet table"),
+    (["fit", "{t}/list_run"], "list_run/result.json holds a JSON list, not an object"),
+    (["fit", "{t}/ok.csv", "--bootstrap", "-5"], "argument --bootstrap: expected an integer >= 0, got -5"),
+    (["fit", "{t}/ok.csv", "--bootstrap", "many"], "argument --bootstrap: expected an integer >= 0, got 'many'"),
+    (["fit", "{t}/ok.csv", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["fit", "{t}/ok.csv", "--holdout-flops", "nan"], "argument --holdout-flops: expected a finite FLOP count > 0, got nan"),
+    (["fit", "{t}/ok.csv", "--holdout-flops=-1e20"], "expected a finite FLOP count > 0, got -1e20"),
+    (["fit", "{t}/ok.csv", "--budgets", "1e21", "inf"], "argument --budgets: expected a finite FLOP count > 0, got inf"),
+    (["fit", "{t}/ok.csv", "--isoflop-budgets", "0"], "argument --isoflop-budgets: expected a finite FLOP count > 0"),
+    (["plot", "{t}/truncated/ok.csv"], "cannot read {t}/truncated/ok_fits/fits.json"),
+    (["plot", "{t}/empty/ok.csv"], "fits.json lacks flops_convention, n_params_column, loss_column, budgets"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(map(str, a))[:60] for a, _ in CASES])
+def test_bad_input_is_one_line_and_exit_2(argv, message, inputs, capsys):
+    before = _files(inputs)
+    code, err = _run([str(a).replace("{t}", str(inputs)) for a in argv], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0], err
+    assert message.replace("{t}", str(inputs)) in lines[0]
+    assert _files(inputs) == before  # nothing written, not even an empty folder
+
+
+# --------------------------------------------------------------------------- faults: a full disk
+
+
+def _disk_full(monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)  # every atomic writer fsyncs its temp file before the rename
+
+
+def test_full_disk_during_fit_is_one_line_and_leaves_no_temp_files(inputs, monkeypatch, capsys):
+    _disk_full(monkeypatch)
+    out = inputs / "out"
+    code, err = _run(["fit", inputs / "ok.csv", "--out-dir", out, "--approach", "1", "--law", "none",
+                      "--no-extrapolation", "--no-figures", "--bootstrap", "0", "--quiet"], capsys)  # fmt: skip
+    assert code == 1
+    assert err.strip() == f"chinchax: error: cannot write {out / 'fits.json'}: No space left on device"
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_full_disk_during_train_is_one_line_and_leaves_no_temp_files(inputs, monkeypatch, capsys):
+    _disk_full(monkeypatch)
+    run_dir = inputs / "run"
+    tiny = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "model.seq_len=16",
+            "model.vocab_size=32", "data.source=synthetic:markov", "train.steps=2", "train.batch_size=2",
+            "train.eval_tokens=64", "train.progress=false"]  # fmt: skip
+    code, err = _run(["train", *tiny, "--run-dir", run_dir], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(run_dir) in lines[0]
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def test_fit_outputs_are_0644_under_umask_022(inputs, capsys):
+    out = inputs / "out"
+    old = os.umask(0o022)
+    try:
+        code, _ = _run(["fit", inputs / "ok.csv", "--out-dir", out, "--approach", "1", "--law", "none",
+                        "--no-extrapolation", "--bootstrap", "0", "--quiet"], capsys)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"fits.json", "report.md", "compute_optimal.csv"} <= {p.name for p in files}
+    assert any(p.suffix == ".png" for p in files) and any(p.suffix == ".pdf" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+    assert not [p for p in files if p.name.startswith(".")]  # no temp files left
+
+
 # --------------------------------------------------------------------------- memory estimate
 
 
