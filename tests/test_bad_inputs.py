@@ -256,3 +256,46 @@ def test_unusable_cache_dir_is_a_config_error(corpus, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="data cache .*FILE/datasets: cannot create it"):
         _load_text(corpus, blocker)
+
+
+# --------------------------------------------------------------------------- analysis API and the fit benchmark
+
+
+def test_fit_points_refuses_bad_arguments_before_fitting():
+    import numpy as np
+    import pandas as pd
+
+    from analysis import AnalysisError, prepare
+    from analysis.pipeline import fit_points
+
+    runs = pd.DataFrame({"run": ["a", "b"], "status": "done", "n_params_total": [1e6, 2e6], "tokens": [2e7, 4e7],
+                         "final_eval_loss": [3.0, 2.9]})  # fmt: skip
+    pts = prepare(runs, pd.DataFrame(columns=["run"]), flops="6ND")
+    for kwargs, message in (({"n_bootstrap": -5}, "n_bootstrap"), ({"seed": -1}, "seed"),
+                            ({"holdout_flops": float("nan")}, "holdout_flops"), ({"holdout_flops": np.inf}, "holdout_flops")):  # fmt: skip
+        with pytest.raises(AnalysisError, match=message):
+            fit_points(pts, approaches=("1",), laws=(), progress=False, **kwargs)
+
+
+def _fit_speed():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fit_speed.py"
+    spec = importlib.util.spec_from_file_location("fit_speed_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv", [["--scipy-bootstrap", "-1"], ["--repeats", "0"], ["--scipy-starts", "0"],
+                                  ["--n-bootstrap", "0"], ["--epoch-csv", "/nonexistent.csv"]])  # fmt: skip
+def test_fit_speed_checks_arguments_before_the_work(argv, monkeypatch, capsys):
+    bench = _fit_speed()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark started fitting before checking its arguments")
+
+    monkeypatch.setattr(bench, "load_points", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
