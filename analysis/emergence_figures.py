@@ -6,7 +6,7 @@
 - ``emergence_mirage``: Schaeffer et al. 2023, the same outputs scored by exact match (with
   p^L and the per-position product overlaid), per-token accuracy and normalised edit distance;
 - ``emergence_loss_<metric>``: Du et al. 2024, metric vs eval loss for every run and evaluated
-  step, coloured by N, with the fitted hinge and its loss threshold;
+  step, coloured by N, with the fitted ramp and its loss threshold;
 - ``emergence_steps``: metric vs training step, one line per run, where runs have several evaluations.
 """
 
@@ -32,8 +32,19 @@ from analysis.emergence_metrics import (
     SOLVE_THRESHOLD,
     seed_summary,
 )  # fmt: skip
-from analysis.emergence_table import loss_thresholds
-from analysis.figures import CMAP, _save
+from analysis.emergence_table import loss_thresholds, ramp
+from analysis.figures import CMAP, _save, _tidy_log_axes
+
+
+def _save_once(fig, out_dir: Path, name: str) -> list[str]:
+    """analysis.figures._save, with the constrained layout solved once instead of once per format
+    (it is most of the drawing time); ticks are tidied first so the layout sees the final labels."""
+    _tidy_log_axes(fig)
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+        fig.set_layout_engine("none")
+    return _save(fig, out_dir, name)
 
 LABELS = {
     "exact_match": "exact match", "token_accuracy": "per-token accuracy", "edit_distance": "edit distance (tokens)",
@@ -125,7 +136,7 @@ def plot_scale(summary: pd.DataFrame, metric: str, x: str, out_dir: Path, xlabel
     solved = f"; k/n: seeds with exact match >= {solve_threshold:g}" if metric == EXACT_MATCH else ""
     fig.suptitle(f"{label(metric)} vs {'training FLOPs' if x == 'flops' else 'N'}\nbars: min-max over seeds "
                  f"(item 95% CI for one seed){solved}", fontsize=10)  # fmt: skip
-    return _save(fig, out_dir, f"emergence_{'flops' if x == 'flops' else 'params'}_{metric}")
+    return _save_once(fig, out_dir, f"emergence_{'flops' if x == 'flops' else 'params'}_{metric}")
 
 
 def plot_mirage(summary: pd.DataFrame, out_dir: Path) -> list[str]:
@@ -154,11 +165,11 @@ def plot_mirage(summary: pd.DataFrame, out_dir: Path) -> list[str]:
             ax.set(xscale="log", title=f"{task}: {title}", xlabel="N, parameters", ylabel=label(metrics[0]))
             _legend(ax)
     fig.suptitle("The same outputs, scored three ways (Schaeffer et al. 2023); bars: seed min-max")
-    return _save(fig, out_dir, "emergence_mirage")
+    return _save_once(fig, out_dir, "emergence_mirage")
 
 
 def plot_loss(table: pd.DataFrame, fits: list[dict], metric: str, out_dir: Path) -> list[str]:
-    """Metric vs eval loss (decreasing to the right) for every run and step, coloured by N, with the hinge fit."""
+    """Metric vs eval loss (decreasing to the right) for every run and step, coloured by N, with the ramp fit."""
     t = table[(table["metric"] == metric) & np.isfinite(table["eval_loss"].to_numpy(float))]
     if t.empty:
         return []
@@ -175,15 +186,15 @@ def plot_loss(table: pd.DataFrame, fits: list[dict], metric: str, out_dir: Path)
             f = fit_by.get((src, task))
             if f and f["threshold"] is not None:
                 grid = np.linspace(gs["eval_loss"].min(), gs["eval_loss"].max(), 100)
-                ax.plot(grid, f["level"] + f["slope"] * np.maximum(f["threshold"] - grid, 0), "k-", lw=1)
+                ax.plot(grid, ramp(grid, f["threshold"], f["saturation"], f["level"], f["rise"]), "k-", lw=1)
                 ax.axvline(f["threshold"], color="tab:red", ls=":", lw=1, label=f"threshold {f['threshold']:.3g} nats")
         _baseline(ax, g)
         ax.set(title=task, xlabel="eval loss (nats/token, decreasing)", ylabel=label(metric))
         ax.invert_xaxis()
         _legend(ax)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=list(axes[: len(tasks)]), label="N, parameters")
-    fig.suptitle(f"{label(metric)} vs pre-training loss (Du et al. 2024)\nhinge fit and its loss threshold", fontsize=10)
-    return _save(fig, out_dir, f"emergence_loss_{metric}")
+    fig.suptitle(f"{label(metric)} vs pre-training loss (Du et al. 2024)\nramp fit and its loss threshold", fontsize=10)
+    return _save_once(fig, out_dir, f"emergence_loss_{metric}")
 
 
 def plot_steps(table: pd.DataFrame, out_dir: Path, metrics=(EXACT_MATCH, "token_accuracy")) -> list[str]:
@@ -208,7 +219,7 @@ def plot_steps(table: pd.DataFrame, out_dir: Path, metrics=(EXACT_MATCH, "token_
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=list(axes[: len(tasks)]), label="N, parameters")
     fig.suptitle(f"Ability during training, one line per run\n{label(metrics[0])} (solid), {label(metrics[-1])} (dashed)",
                  fontsize=10)  # fmt: skip
-    return _save(fig, out_dir, "emergence_steps")
+    return _save_once(fig, out_dir, "emergence_steps")
 
 
 def draw_emergence(table: pd.DataFrame, out_dir, metrics=None, solve_threshold: float = SOLVE_THRESHOLD,

@@ -97,15 +97,15 @@ def _markdown(result: dict) -> str:
     lines += ["", ("p^L: mean per-token accuracy to the power of the target length; per-position product: product of the "
               "accuracies at each target position (Schaeffer et al. 2023). Both predict exact match when token errors "
               "are independent."), "", "## Loss thresholds (Du et al. 2024)", "",
-              ("Hinge fit over every run and evaluated step: metric = level for eval loss >= threshold, rising by "
-              "slope per nat below it."), "",
-              "| source | task | metric | threshold (nats/token) | level | slope | R^2 | points |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              ("Ramp fit over every run and evaluated step: metric = level for eval loss >= threshold, rising "
+               "linearly to level + rise at the saturation loss and flat below it."), "",
+              "| source | task | metric | threshold (nats/token) | saturation (nats/token) | level | rise | R^2 | points |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for f in result["loss_thresholds"]:
         lines.append(f"| {Path(str(f['source'])).name} | {f['task']} | {f['metric']} | {_num(f['threshold'], '.4g')} | "
-                     f"{_num(f['level'])} | {_num(f['slope'])} | {_num(f['r2'])} | {f['n_points']} |")  # fmt: skip
+                     f"{_num(f['saturation'], '.4g')} | {_num(f['level'])} | {_num(f['rise'])} | {_num(f['r2'])} | {f['n_points']} |")  # fmt: skip
     if not result["loss_thresholds"]:
-        lines.append("| (no eval losses) | | | | | | | |")
+        lines.append("| (no eval losses) | | | | | | | | |")
     figs = result["outputs"].get("figures", [])
     lines += ["", "## Figures", ""] + [f"- {Path(p).name}" for p in figs if p.endswith(".png")]
     if not figs:

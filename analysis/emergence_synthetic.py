@@ -77,10 +77,11 @@ def write_run(run_dir, n_params: float, tokens: float, seed: int, evals: dict, e
 
 
 def fake_sweep(out, sizes=(2e3, 7e3, 2e4, 6e4, 2e5), seeds=(0, 1), n_items=64, length=6, checkpoints=(),
-               seed: int = 0) -> Path:  # fmt: skip
+               seed: int = 0, tasks=("facts", "larger")) -> Path:  # fmt: skip
     """A sweep directory of runs with two tasks: "facts" (generation, ``length`` tokens) and
     "larger" (2-way multiple choice). Tokens 20 N; eval loss 5 - log10(N)/2; ``checkpoints``:
-    extra evaluation steps (fractions of 100 steps, e.g. (25, 50)) with less skill than the end."""
+    extra evaluation steps (fractions of 100 steps, e.g. (25, 50)) with less skill than the end;
+    ``tasks``: which of the two to write."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     for n in sizes:
@@ -90,9 +91,11 @@ def fake_sweep(out, sizes=(2e3, 7e3, 2e4, 6e4, 2e5), seeds=(0, 1), n_items=64, l
             for step in (*checkpoints, 100):
                 eff = n * step / 100  # a checkpoint at step s acts like a smaller model
                 p = p_token_of(eff)
-                evals[("facts", step)] = (token_records("facts", n_items, length, p, rng), {"exact_match": 0.0})
-                evals[("larger", step)] = (token_records("larger", n_items, 1, p, rng, n_choices=2, mc_skill=4 * (p - 0.1)),
-                                           {"exact_match": 0.1})  # fmt: skip
+                if "facts" in tasks:
+                    evals[("facts", step)] = (token_records("facts", n_items, length, p, rng), {"exact_match": 0.0})
+                if "larger" in tasks:
+                    evals[("larger", step)] = (token_records("larger", n_items, 1, p, rng, n_choices=2, mc_skill=4 * (p - 0.1)),
+                                               {"exact_match": 0.1})  # fmt: skip
                 losses[step] = 5.0 - 0.5 * np.log10(eff)
             write_run(out / f"n{int(n)}_s{s}", n, 20 * n, s, evals, loss, losses_by_step=losses)
     return out

@@ -89,39 +89,49 @@ def emergence_table(table: pd.DataFrame, margin: float = MARGIN, solve_threshold
     return rows
 
 
-def fit_loss_threshold(loss, value, higher: bool = True, n_grid: int = 200) -> dict:
-    """Hinge fit in eval loss L (Du et al. 2024): value = b for L >= eta, b + s (eta - L) below eta.
+def ramp(loss, threshold: float, saturation: float, level: float, rise: float):
+    """The fitted curve: ``level`` for loss >= threshold, ``level + rise`` for loss <= saturation, linear between."""
+    loss = np.asarray(loss, float)
+    return level + rise * np.clip((threshold - loss) / (threshold - saturation), 0.0, 1.0)
 
-    b is the level before the ability appears, eta (nats/token) the loss threshold, s the rise
-    per nat of loss below it (>= 0 for higher-is-better metrics, <= 0 otherwise). eta is found on
-    a grid over the observed loss range (least squares for b, s at each eta). Returns threshold,
-    level, slope, rss, rss_constant (of the flat fit), r2 (1 - rss/rss_constant), n_points;
-    threshold None when fewer than 4 points or no hinge beats the flat fit.
+
+def fit_loss_threshold(loss, value, higher: bool = True, n_grid: int = 60) -> dict:
+    """Ramp fit in eval loss L (Du et al. 2024): flat at ``level`` above the loss threshold eta,
+    then linear in L, then flat again at ``level + rise`` below a saturation loss (so that a
+    metric that tops out at 1 does not drag the threshold; with no saturation in the data the
+    saturation loss is the lowest loss seen and the fit is a hinge).
+
+    eta and the saturation loss (nats/token) are searched on a grid over the observed loss
+    range, level and rise by least squares; rise > 0 for higher-is-better metrics, < 0 otherwise.
+    Returns threshold, saturation, level, rise, rss, rss_constant (flat fit), r2, n_points;
+    threshold None when fewer than 4 points or no ramp beats the flat fit.
     """
     loss, value = np.asarray(loss, float), np.asarray(value, float)
     ok = np.isfinite(loss) & np.isfinite(value)
     loss, value = loss[ok], value[ok]
-    out = {"threshold": None, "level": None, "slope": None, "rss": None, "rss_constant": None, "r2": None,
-           "n_points": int(loss.size)}  # fmt: skip
+    out = {"threshold": None, "saturation": None, "level": None, "rise": None, "rss": None, "rss_constant": None,
+           "r2": None, "n_points": int(loss.size)}  # fmt: skip
     if loss.size < 4 or np.ptp(loss) <= 0:
         return out
     rss0 = float(np.sum((value - value.mean()) ** 2))
-    out.update(level=float(value.mean()), rss_constant=rss0, slope=0.0, rss=rss0)
+    out.update(level=float(value.mean()), rise=0.0, rss=rss0, rss_constant=rss0)
+    grid = np.linspace(loss.min(), loss.max(), n_grid)
     best = None
-    for eta in np.linspace(loss.min(), loss.max(), n_grid)[1:]:
-        h = np.maximum(eta - loss, 0.0)
-        if np.count_nonzero(h) < 2:  # the rising part needs two points to be a line, not a spike
-            continue
-        a = np.column_stack([np.ones_like(h), h])
-        (b, s), *_ = np.linalg.lstsq(a, value, rcond=None)
-        if (s <= 0) if higher else (s >= 0):
-            continue
-        rss = float(np.sum((a @ np.array([b, s]) - value) ** 2))
-        if best is None or rss < best[0]:
-            best = (rss, float(eta), float(b), float(s))
+    for i, eta in enumerate(grid[1:], 1):
+        for sat in grid[:i]:
+            h = np.clip((eta - loss) / (eta - sat), 0.0, 1.0)
+            if np.count_nonzero(h) < 2:  # the rise needs two points, else it fits one outlier
+                continue
+            a = np.column_stack([np.ones_like(h), h])
+            (b, r), *_ = np.linalg.lstsq(a, value, rcond=None)
+            if (r <= 0) if higher else (r >= 0):
+                continue
+            rss = float(np.sum((a @ np.array([b, r]) - value) ** 2))
+            if best is None or rss < best[0] - 1e-12:
+                best = (rss, float(eta), float(sat), float(b), float(r))
     if best is not None and best[0] < rss0:
-        rss, eta, b, s = best
-        out.update(threshold=eta, level=b, slope=s, rss=rss, r2=1.0 - rss / rss0 if rss0 > 0 else None)
+        rss, eta, sat, b, r = best
+        out.update(threshold=eta, saturation=sat, level=b, rise=r, rss=rss, r2=1.0 - rss / rss0 if rss0 > 0 else None)
     return out
 
 
