@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="chinchax",
         description="Language-model scaling laws in JAX: train grids of models, fit Kaplan and Chinchilla laws, plot them.",
+        epilog=("exit codes: 0 success; 1 a run or sweep failed, or an output could not be written (disk full, no\n"
+                "permission: one line naming the file); 2 bad input (config, spec, path, table, argument), found before\n"
+                "anything is written"),
         formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
