@@ -6,7 +6,6 @@ Each case runs ``sweeps.cli.main`` in-process; none trains a model or fits more 
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
