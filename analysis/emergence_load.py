@@ -13,7 +13,8 @@ The record format (part of the run-directory contract), in ``<run>/evals/``:
 The tidy table (``COLUMNS``) has one row per (run, task, step, metric); ``model`` names a
 model size (all seeds of a size share it), ``final`` marks each run's last evaluated step.
 A published table (CSV/TSV with columns model, n_params, flops, task, metric, value and
-optional baseline, n_items, eval_loss, seed, step, ci_lo, ci_hi) loads into the same table.
+optional baseline, n_items, eval_loss, seed, step, ci_lo, ci_hi, tokens, and family: each model
+family becomes its own series, "<table> [<family>]") loads into the same table.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ COLUMNS = (
 )  # fmt: skip
 RECORD_KEYS = ("target", "output", "target_tokens", "token_correct", "target_logprob")
 EXTERNAL_REQUIRED = ("model", "n_params", "flops", "task", "metric", "value")
-EXTERNAL_OPTIONAL = ("baseline", "n_items", "eval_loss", "seed", "step", "ci_lo", "ci_hi", "tokens")
+EXTERNAL_OPTIONAL = ("baseline", "n_items", "eval_loss", "seed", "step", "ci_lo", "ci_hi", "tokens", "family")
+_TEXT_OPTIONAL = ("seed", "family")
 TABLE_SUFFIXES = (".csv", ".tsv")
 _EVAL_FILE = re.compile(r"^(?P<task>.+)\.step(?P<step>\d+)\.jsonl$")
 
@@ -247,7 +249,8 @@ def load_external_table(path, source: str | None = None) -> pd.DataFrame:
     """A published table of task results (one row per model, task and metric) as the tidy table.
 
     Required columns: model, n_params, flops, task, metric, value; optional: baseline, n_items,
-    eval_loss, seed, step, ci_lo, ci_hi, tokens. FLOPs are taken as given (convention
+    eval_loss, seed, step, ci_lo, ci_hi, tokens, family (each family is its own series: its
+    source is "<table> [<family>]"). FLOPs are taken as given (convention
     "external"). One-line AnalysisErrors name missing columns and bad rows (CSV line numbers).
     """
     path = Path(path)
@@ -272,7 +275,7 @@ def load_external_table(path, source: str | None = None) -> pd.DataFrame:
         if blank.any():
             raise AnalysisError(f"{path}: column {col} is empty on line(s) {_bad_rows(blank)}")
         t[col] = t[col].astype(str).str.strip()
-    for col in ("n_params", "flops", "value") + tuple(c for c in EXTERNAL_OPTIONAL if c in t and c != "seed"):
+    for col in ("n_params", "flops", "value") + tuple(c for c in EXTERNAL_OPTIONAL if c in t and c not in _TEXT_OPTIONAL):
         raw = t[col]
         vals = pd.to_numeric(raw, errors="coerce")
         # required: every row needs a number; optional: blanks are allowed, text and inf are not
@@ -284,12 +287,15 @@ def load_external_table(path, source: str | None = None) -> pd.DataFrame:
             rule = "a finite number > 0" if col in ("n_params", "flops") else "a finite number"
             raise AnalysisError(f"{path}: {col} must be {rule}; bad on line(s) {_bad_rows(bad)}")
         t[col] = vals.astype(float)
-    keys = ["model", "task", "metric"] + [c for c in ("seed", "step") if c in t]
+    keys = ["model", "task", "metric"] + [c for c in ("seed", "step", "family") if c in t]
     dup = t.duplicated(keys, keep=False)
     if dup.any():
         raise AnalysisError(f"{path}: line(s) {_bad_rows(dup)} repeat the same {', '.join(keys)}; "
                             "give each seed or step its own value in a seed/step column")  # fmt: skip
     t["source"] = source or str(path)
+    if "family" in t:  # one series per model family (Wei et al. draw GPT-3, LaMDA, ... separately)
+        fam = t["family"].fillna("").astype(str).str.strip()
+        t["source"] = t["source"].where(fam == "", t["source"] + " [" + fam + "]")
     t["run"] = t["model"] + (" seed=" + t["seed"].astype(str) if "seed" in t else "")
     t["flops_convention"] = "external"
     if "step" not in t:

@@ -66,6 +66,16 @@ def test_emergence_path_on_an_external_table_and_as_overlay(tmp_path):
     assert len(both["sources"]) == 2 and {e["source"] for e in both["emergence"]} == set(both["sources"])
 
 
+def test_external_model_families_are_separate_series(tmp_path):
+    path = tmp_path / "families.csv"
+    path.write_text("family,model,n_params,flops,task,metric,value,baseline\n"
+                    "A,a1,1e8,1e20,t,exact_match,0.0,0\nA,a2,1e9,1e21,t,exact_match,0.5,0\n"
+                    "B,b1,1e8,1e20,t,exact_match,0.0,0\nB,b2,1e9,1e21,t,exact_match,0.05,0\n")  # fmt: skip
+    result = emergence_path(path, figures_=False)
+    by_family = {e["source"].rsplit("[", 1)[1].rstrip("]"): e["n_params"] for e in result["emergence"]}
+    assert by_family["A"]["at"] == 1e9 and by_family["B"]["status"] == "not above"
+
+
 def test_emergence_path_errors(tmp_path):
     path = tmp_path / "published.csv"
     path.write_text(CSV)
