@@ -8,6 +8,9 @@ step executes, ``llm.counting.mfu_flops_per_token``, against the device's bf16 p
     python benchmarks/train_throughput.py --full     # the GPU ladder: seq 1024, vocab 50304
     python benchmarks/train_throughput.py --full --moe   # add dense-vs-MoE rows (8 experts, top-2)
 
+With --moe it also prints which dropless kernel ``model.moe.grouped_matmul: auto`` (the
+default, ``llm.moe.resolve_grouped_matmul``) picks on this platform, and marks its row.
+
 Reference (nanoGPT-style PyTorch step, torch.compile + SDPA + fused AdamW, bf16,
 seq 1024, vocab 50304, one H100): d128/L2 3.5M tok/s; d256/L4 2.6M; d384/L6 1.65M;
 d512/L8 1.06M; d768/L12 0.51M (MFU 0.44); d1024/L24 0.19M (MFU 0.46).
@@ -32,6 +35,7 @@ from llm import counting  # noqa: E402
 from llm.config import Config, MoEConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from llm.metrics import peak_flops  # noqa: E402
 from llm.model import Transformer  # noqa: E402
+from llm.moe import resolve_grouped_matmul  # noqa: E402
 from llm.optim import make_optimizer  # noqa: E402
 from llm.training import make_train_step  # noqa: E402
 
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (20 if args.full else 5)
     ladder = FULL_LADDER if args.full else TINY_LADDER
     rows = [(f"dense d{d}/L{n}", model_config(d, n, seq, vocab)) for d, n in ladder]
+    auto = resolve_grouped_matmul("auto")
     if args.moe:
         d, n = (512, 8) if args.full else (128, 4)
         # Equal active size: 8 experts of d_ff/2 with top-2 activate as many MLP weights as one dense d_ff.
@@ -111,16 +116,19 @@ def main(argv: list[str] | None = None) -> None:
                     ("capacity 1.25", 1.25, "ragged_dot"))
         for label, capacity, kernel in variants:
             moe = MoEConfig(n_experts=8, top_k=2, d_ff_expert=2 * d, capacity_factor=capacity, grouped_matmul=kernel)
-            rows.append((f"moe8x2 d{d}/L{n} {label}", model_config(d, n, seq, vocab, moe)))
+            picked = " (auto)" if capacity is None and kernel == auto else ""
+            rows.append((f"moe8x2 d{d}/L{n} {label}{picked}", model_config(d, n, seq, vocab, moe)))
         rows.append((f"dense d{d}/L{n} (moe ref)", model_config(d, n, seq, vocab)))
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; batch {batch} x seq {seq}; median of {steps} steps")
-    print(f"{'model':32} {'N active':>12} {'step ms':>9} {'tokens/s':>12} {'MFU':>6} {'compile s':>9}")
+    if args.moe:
+        print(f"model.moe.grouped_matmul: auto -> {auto} on {jax.default_backend()}")
+    print(f"{'model':40} {'N active':>12} {'step ms':>9} {'tokens/s':>12} {'MFU':>6} {'compile s':>9}")
     for label, cfg in rows:
         r = time_step(cfg, batch, steps, warmup=2)
         mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
-        print(f"{label:32} {r['n_params_active']:>12,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>12,.0f} {mfu:>6} {r['compile_s']:>9.1f}", flush=True)
+        print(f"{label:40} {r['n_params_active']:>12,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>12,.0f} {mfu:>6} {r['compile_s']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

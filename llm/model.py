@@ -27,7 +27,7 @@ from llm.attention import Attention
 from llm.config import ModelConfig
 from llm.counting import is_moe_block
 from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
-from llm.moe import MoE
+from llm.moe import MoE, moe_kernel
 
 
 class Block(nnx.Module):
@@ -76,6 +76,13 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype)
+
+    def moe_kernel(self) -> str | None:
+        """The dropless grouped-matmul kernel this model's MoE blocks run ("auto" resolved).
+
+        None for a dense model or capacity routing (no grouped matmul runs).
+        """
+        return moe_kernel(self.cfg)
 
     def __call__(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None):
         """Next-token logits for every position.

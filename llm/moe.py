@@ -52,6 +52,35 @@ from llm.grouped import GROUPED_MATMULS, block_layout, block_size, blocked_matmu
 from llm.layers import MLP, activation, dtype_of, input_std, normal_param, output_std
 
 
+def resolve_grouped_matmul(name: str, platform: str | None = None) -> str:
+    """The dropless kernel that ``model.moe.grouped_matmul = name`` runs on ``platform``.
+
+    "ragged_dot" and "blocked" are returned as given. "auto" (the default) is the
+    fastest correct one: "blocked" on CPU, where XLA lowers ragged_dot to a dense
+    product over all experts (n_experts / top_k times the useful FLOPs; a train step
+    of the default model with 8 experts, top-2, batch 16, took ~3.2 s vs ~0.6 s
+    blocked on 2 CPU cores), and
+    "ragged_dot" on GPU/TPU, whose backends have a native grouped matmul.
+    platform: "cpu" | "gpu" | "cuda" | "rocm" | "tpu"; None means ``jax.default_backend()``.
+    """
+    if name in GROUPED_MATMULS:
+        return name
+    if name != "auto":
+        raise ValueError(f"grouped_matmul={name!r}; choose one of auto, {', '.join(GROUPED_MATMULS)}")
+    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged_dot"
+
+
+def moe_kernel(cfg: ModelConfig, platform: str | None = None) -> str | None:
+    """The grouped-matmul kernel a model built from ``cfg`` runs (for result.json).
+
+    None where no grouped matmul runs: dense models and capacity routing (which
+    multiplies fixed-size [E, C] slot buffers instead).
+    """
+    if cfg.moe is None or cfg.moe.capacity_factor is not None:
+        return None
+    return resolve_grouped_matmul(cfg.moe.grouped_matmul, platform)
+
+
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
     """Assignments one expert accepts: min(tokens, ceil(capacity_factor * tokens * top_k / n_experts))."""
     return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts)))
@@ -60,10 +89,8 @@ def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts
 class MoE(nnx.Module):
     """``moe(x_BTD) -> (y_BTD, stats)``; stats are float32 scalars (losses, load, drops, entropy)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, grouped_matmul: str = "ragged_dot"):
-        if grouped_matmul not in GROUPED_MATMULS:
-            raise ValueError(f"grouped_matmul={grouped_matmul!r}; choose one of {', '.join(GROUPED_MATMULS)}")
-        self.grouped_matmul = grouped_matmul
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, grouped_matmul: str = "auto"):
+        self.grouped_matmul = resolve_grouped_matmul(grouped_matmul)  # "auto" resolved for this process's backend
         m = cfg.moe
         d, e, f = cfg.d_model, m.n_experts, m.d_ff_expert or cfg.d_ff
         self.n_experts, self.top_k, self.capacity_factor = e, m.top_k, m.capacity_factor

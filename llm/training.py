@@ -233,6 +233,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
         **counts,
         "flops_per_token": flops_per_token,
         "entropy_rate": dataset.entropy_rate,
+        "moe_grouped_matmul": model.moe_kernel(),  # "auto" resolved on this platform; null: dense or capacity routing
         "hardware": hardware,
         "versions": versions,
     }
