@@ -7,53 +7,147 @@ position. The data position is the step itself (batch i is a pure function of
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+# A step folder ("8") or what orbax leaves while writing one ("8.orbax-checkpoint-tmp-1712...").
+_STEP_ENTRY = re.compile(r"^(\d+)(\..*)?$")
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be read; never silently restart from scratch."""
+    """A checkpoint exists but cannot be read or was never completed; never silently restart."""
 
 
 class Checkpoints:
-    """Save every ``every`` steps and at the end, keep the last ``keep``."""
+    """Orbax checkpoints of one run, keeping the last ``keep``; a context manager that closes them."""
 
     def __init__(self, directory: Path, keep: int):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
+        with _quiet_orbax():  # it reads every step's metadata; an unreadable one is restore's error
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            )
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Write ``state`` (a pytree of arrays) and JSON ``meta`` for ``step``; blocks until done."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    def resume_step(self) -> int:
+        """Step to resume from: the newest complete checkpoint, 0 if there is none.
+
+        Orbax skips a checkpoint that lacks its completion marker (on a local disk: a folder
+        still named ``<step>.orbax-checkpoint-tmp-*``). Skipping a newer one than we resume
+        from would silently redo (or, with none complete, restart) the run, so that is a
+        CheckpointError naming the folder; older leftovers lose nothing and are ignored.
+        """
+        with _quiet_orbax():  # an unreadable metadata file is logged here, and reported by restore
+            latest = self.latest_step() or 0
+            complete = set(self._manager.all_steps())
+        incomplete = sorted(
+            (int(match.group(1)), entry)
+            for entry in (self.directory.iterdir() if self.directory.is_dir() else ())
+            if (match := _STEP_ENTRY.match(entry.name)) and entry.is_dir() and int(match.group(1)) not in complete
         )
-        self._manager.wait_until_finished()
+        newer = [entry for step, entry in incomplete if step > latest]
+        if newer:
+            fallback = f"step {latest}" if latest else "scratch"
+            raise CheckpointError(
+                f"checkpoint {newer[-1]} was never completed (killed while saving?); delete it to resume from {fallback}"
+            )
+        return latest
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Write ``state`` (a pytree of arrays) and JSON ``meta`` for ``step``; blocks until done.
+
+        On failure (a full disk) orbax's half-written folder is removed, so the next attempt
+        resumes from the previous checkpoint, and CheckpointError names the step's folder.
+        """
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            )
+            self._manager.wait_until_finished()
+        except Exception as err:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """Restore the state shaped like ``like`` and its meta; CheckpointError if unreadable."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        _drop_orbax_read_echoes()
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-            )
+            with _quiet_orbax():
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+                )
         except Exception as err:  # orbax raises many types; all mean "cannot read"
             path = self.directory / str(step)
-            raise CheckpointError(
-                f"checkpoint {path} exists but cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            ) from err
+            raise CheckpointError(f"checkpoint {path} exists but cannot be read ({_first_line(err)})") from err
         return restored["state"], dict(restored["meta"])
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs (through absl) every unreadable file it meets; our one CheckpointError says it."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+_echoes_dropped = False
+
+
+def _drop_orbax_read_echoes() -> None:
+    """Silence the echoes of one failed restore, and nothing else.
+
+    Orbax reads arrays concurrently inside ``asyncio.run``; when one read fails the loop
+    closes while the others are in flight, and each of those later reports either
+    "Event loop is closed" (an unraisable exception from tensorstore's callback thread)
+    or "... exception was never retrieved" (asyncio's logger, when the future is
+    collected), long after our CheckpointError has said what is wrong. Both can fire at
+    any time until the process exits, so the filters stay installed (once).
+    """
+    global _echoes_dropped
+    if _echoes_dropped:
+        return
+    _echoes_dropped = True
+    previous = sys.unraisablehook
+
+    def unraisable(info):
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+
+    sys.unraisablehook = unraisable
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).endswith("exception was never retrieved")
+    )

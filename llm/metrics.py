@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.typed_yaml import flatten
-from rundir import dumps_json, write_text_atomic
+from rundir import METRICS, WriteError, dumps_json, write_text_atomic
 
 # Dense bf16 peak FLOP/s per chip by device kind (vendor datasheets, no sparsity).
 # Unknown devices get MFU = null: a made-up peak would be worse than none.
@@ -38,26 +38,25 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def eval_steps(total_steps: int, eval_every: int) -> set[int]:
-    """Steps (1-based, after the update) at which the held-out loss is measured.
+def is_eval_step(step: int, total_steps: int, eval_every: int) -> bool:
+    """Whether the held-out loss is measured after optimiser step ``step`` (1-based).
 
-    Powers of two up to ``eval_every``, every ``eval_every`` steps, and the last step.
+    Powers of two below ``eval_every``, every ``eval_every`` steps, and the last step.
     """
-    steps = {total_steps}
-    power = 1
-    while power < min(eval_every, total_steps):
-        steps.add(power)
-        power *= 2
-    steps.update(range(eval_every, total_steps + 1, eval_every))
-    return steps
+    power_of_two = step & (step - 1) == 0
+    return step == total_steps or step % eval_every == 0 or (step < eval_every and power_of_two)
 
+
+def eval_steps(total_steps: int, eval_every: int) -> set[int]:
+    """All steps of a ``total_steps`` run at which ``is_eval_step`` holds."""
+    return {s for s in range(1, total_steps + 1) if is_eval_step(s, total_steps, eval_every)}
 
 
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl (and TensorBoard if asked)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -69,7 +68,11 @@ class MetricsLog:
                 self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(dumps_json(record, indent=None) + "\n")
+        """Append ``record`` as one line; WriteError naming the file if the disk refuses."""
+        try:
+            self._file.write(dumps_json(record, indent=None) + "\n")
+        except OSError as err:
+            raise WriteError(f"cannot write {self.path}: {err.strerror or err}") from err
         if self._tb is not None:
             step = record["step"]
             for key, value in flatten(record, sep="/").items():
@@ -87,7 +90,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 
     Rewritten through a temporary file and a rename, so a crash here loses nothing.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.exists():
         return
     kept = []

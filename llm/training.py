@@ -8,6 +8,7 @@ feeds batches (a pure function of (data seed, step)) and reads metrics back ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,8 +29,8 @@ from llm.checkpoint import Checkpoints
 from llm.config import Config, ConfigError, dump_config, total_steps, validate
 from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
-from llm.metrics import MetricsLog, eval_steps, peak_flops, truncate_metrics
-from rundir import FLOP_CONVENTIONS, read_result, write_json_atomic, write_text_atomic
+from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
+from rundir import CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
 
@@ -47,12 +48,24 @@ class RunResult:
 # --------------------------------------------------------------------------- pure functions
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token loss (nats/token) and mean squared log-partition (for z-loss), in float32."""
+def cross_entropy(
+    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss (nats/token) and mean squared log-partition (for z-loss), in float32.
+
+    ``weights_BT`` (e.g. 1 for real tokens, 0 for padding) makes both weighted means, so padding
+    counts for nothing. Training and evaluation both call this one function.
+    """
     logits_BTV = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.mean(log_z_BT - target_logit_BT), jnp.mean(log_z_BT**2)
+    nll_BT = log_z_BT - target_logit_BT
+    if weights_BT is None:
+        return jnp.mean(nll_BT), jnp.mean(log_z_BT**2)
+    w_BT = weights_BT.astype(jnp.float32)
+    total = jnp.sum(w_BT)
+    total = jnp.where(total > 0, total, 1.0)  # an all-padding batch sums to 0, not 0/0
+    return jnp.sum(w_BT * nll_BT) / total, jnp.sum(w_BT * log_z_BT**2) / total
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss_coef: float):
@@ -101,33 +114,68 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-    """Jitted (params, tokens_BT1, weight_B) -> (summed nats, token count) on held-out data."""
+    """Jitted (params, tokens_BT1, valid_B) -> (summed nats, token count) on held-out data.
 
-    def eval_fn(params, tokens_BT1, weight_B):
+    Rows with ``valid_B`` False are padding: they add nothing to the loss and, with capacity
+    routing, take no expert capacity from the real tokens.
+    """
+
+    def eval_fn(params, tokens_BT1, valid_B):
         model = nnx.merge(graphdef, params)
-        logits_BTV, _ = model(tokens_BT1[:, :-1])
-        logits_BTV = logits_BTV.astype(jnp.float32)
-        log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-        target_BT = jnp.take_along_axis(logits_BTV, tokens_BT1[:, 1:, None], axis=-1)[..., 0]
-        nll_BT = (log_z_BT - target_BT) * weight_B[:, None]
-        return jnp.sum(nll_BT), jnp.sum(weight_B) * tokens_BT1.shape[1] - jnp.sum(weight_B)
+        inputs_BT = tokens_BT1[:, :-1]
+        valid_BT = jnp.broadcast_to(valid_B[:, None], inputs_BT.shape)
+        logits_BTV, _ = model(inputs_BT, valid_BT=valid_BT)
+        loss, _ = cross_entropy(logits_BTV, tokens_BT1[:, 1:], valid_BT)
+        count = jnp.sum(valid_BT, dtype=jnp.float32)
+        return loss * count, count
 
     return jax.jit(eval_fn)
 
 
 def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int) -> float:
-    """Mean held-out loss in nats/token over a fixed set of sequences (padded to whole batches)."""
+    """Mean held-out loss in nats/token over a fixed set of sequences.
+
+    Runs in batches of ``batch_size`` sequences (the training micro-batch, so eval fits
+    wherever training does); the last batch is padded with rows marked invalid.
+    """
     n = eval_tokens_NT1.shape[0]
     total, count = 0.0, 0.0
     for start in range(0, n, batch_size):
         chunk = eval_tokens_NT1[start : start + batch_size]
-        weight = np.ones(batch_size, np.float32)
+        valid = np.arange(batch_size) < chunk.shape[0]
         if chunk.shape[0] < batch_size:
-            weight[chunk.shape[0] :] = 0.0
             chunk = np.concatenate([chunk, np.zeros((batch_size - chunk.shape[0], chunk.shape[1]), chunk.dtype)])
-        s, c = eval_step(params, chunk, weight)
-        total, count = total + s, count + c
-    return float(total) / float(count)
+        s, c = eval_step(params, chunk, valid)
+        total, count = total + float(s), count + float(c)
+    return total / count
+
+
+# --------------------------------------------------------------------------- when to log, evaluate, checkpoint, stop
+
+
+def should_log(step: int, total_steps: int, log_every: int, eval_every: int) -> bool:
+    """Whether a metrics.jsonl line is written after step ``step`` (1-based).
+
+    Every ``log_every`` steps, at every evaluation (its line carries the eval loss), and at the last step.
+    """
+    return step % log_every == 0 or is_eval_step(step, total_steps, eval_every)
+
+
+def should_checkpoint(step: int, total_steps: int, checkpoint_every: int) -> bool:
+    """Whether a checkpoint is saved after step ``step``: every ``checkpoint_every`` steps and at the last.
+
+    Independent of the logging cadence, so a kill -9 loses at most ``checkpoint_every`` steps.
+    """
+    return step % checkpoint_every == 0 or step == total_steps
+
+
+def failure(step: int, train_loss: float, eval_loss: float | None = None) -> str | None:
+    """Why the run must stop after ``step`` (a non-finite loss), or None to go on."""
+    if not math.isfinite(train_loss):
+        return f"non-finite training loss ({train_loss}) at step {step}"
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        return f"non-finite eval loss ({eval_loss}) at step {step}"
+    return None
 
 
 # --------------------------------------------------------------------------- the run
@@ -155,7 +203,7 @@ def _environment() -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.exists():
         return
     old = read_yaml(path)
@@ -201,21 +249,9 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
 
     # Nothing was written before this point: bad input leaves the run dir untouched.
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    write_text_atomic(run_dir / CONFIG, dump_config(cfg))
     if previous is not None:  # a failed attempt being retried
-        (run_dir / "result.json").unlink()
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=t.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    earlier_wall = 0.0
-    if start:
-        state, meta = checkpoints.restore(start, state)
-        earlier_wall = float(meta.get("wall_time_s", 0.0))
-        truncate_metrics(run_dir, start)
-    else:
-        metrics_path = run_dir / "metrics.jsonl"
-        if metrics_path.exists():
-            metrics_path.unlink()  # a run killed before its first checkpoint starts over
-    best_eval, last_eval, last_train = _losses_so_far(run_dir)
+        (run_dir / RESULT).unlink()
 
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
@@ -223,8 +259,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     train_step = make_train_step(graphdef, optimizer, cfg)
     eval_step = make_eval_step(graphdef)
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
-    eval_at = eval_steps(steps, t.eval_every)
-    log = MetricsLog(run_dir, tensorboard=t.tensorboard)
+    micro_batch = t.batch_size // t.grad_accum  # eval fits wherever a training micro-batch does
 
     summary = {
         "run_name": run_name,
@@ -233,108 +268,157 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
         **counts,
         "flops_per_token": flops_per_token,
         "entropy_rate": dataset.entropy_rate,
+        "eval_tokens": dataset.n_eval_tokens,  # what each evaluation really scores
+        "eval_tokens_requested": t.eval_tokens,
         "moe_grouped_matmul": model.moe_kernel(),  # "auto" resolved on this platform; null: dense or capacity routing
         "hardware": hardware,
         "versions": versions,
     }
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=start, unit="step", disable=not t.progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    started = time.perf_counter()
-    pending: list[dict[str, jax.Array]] = []
-    last_record_time, last_record_step = time.perf_counter(), start
-    steady_seconds, steady_tokens, first_interval = 0.0, 0, True
-    error = None
-    step = completed = start
+    with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
+        start, state, earlier_wall = _resume(checkpoints, state, run_dir)
+        losses = _losses_so_far(run_dir)
+        meter = _Throughput(start)
+        started = time.perf_counter()
 
-    def save_checkpoint(at: int) -> None:
-        meta = {"step": at, "tokens": at * tokens_per_step, "run_name": run_name,
-                "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
-        checkpoints.save(at, state, meta)
+        def save(at: int) -> None:
+            meta = {"step": at, "tokens": at * tokens_per_step, "run_name": run_name,
+                    "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
+            with meter.paused():
+                checkpoints.save(at, state, meta)
 
-    try:
-        for step in range(start + 1, steps + 1):
-            batch = dataset.train_batch(step - 1, t.batch_size)
-            state, step_metrics = train_step(state, batch)
-            completed = step
-            pending.append(step_metrics)
-            bar.update(1)
-            is_eval = step in eval_at
-            if not (is_eval or step % t.log_every == 0 or step == steps):
-                continue
-            host = jax.device_get(pending)
-            pending = []
-            now = time.perf_counter()
-            interval_tokens = (step - last_record_step) * tokens_per_step
-            tokens_per_s = interval_tokens / max(now - last_record_time, 1e-9)
-            if not first_interval:  # the first interval pays for compilation
-                steady_seconds += now - last_record_time
-                steady_tokens += interval_tokens
-            first_interval = False
-            record = _record(step, tokens_per_step, flops_per_token, host, float(schedule(step - 1)))
-            record["tokens_per_s"] = tokens_per_s
-            record["mfu"] = tokens_per_s * mfu_flops / (peak * hardware["n_devices"]) if peak else None
-            last_train = record["train_loss"]
-            if not math.isfinite(last_train):
-                error = f"non-finite training loss ({last_train}) at step {step}"
-            if is_eval and error is None:
-                last_eval = evaluate(eval_step, state["params"], eval_set, t.batch_size)
-                record["eval_loss"] = last_eval
-                best_eval = min(best_eval, last_eval)
-                if not math.isfinite(last_eval):
-                    error = f"non-finite eval loss ({last_eval}) at step {step}"
-            log.write(record)
-            bar.set_postfix(loss=f"{last_train:.3f}", eval=f"{last_eval:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            last_record_time, last_record_step = time.perf_counter(), step
-            if error:
-                break
-            if step % t.checkpoint_every == 0 or step == steps:
-                save_checkpoint(step)
-                last_record_time = time.perf_counter()
-    except KeyboardInterrupt:
-        # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint.
-        if completed > (checkpoints.latest_step() or 0):
-            bar.write(f"interrupted: saving a checkpoint at step {completed}; rerun the same command to resume")
-            save_checkpoint(completed)
-        raise
-    finally:
-        bar.close()
-        log.close()
-        checkpoints.close()
+        def line(at: int, host: list[dict]) -> dict:  # the metrics.jsonl line for the steps since the last
+            record = _record(at, tokens_per_step, flops_per_token, host, float(schedule(at - 1)))
+            record["tokens_per_s"] = meter.interval(at, tokens_per_step)
+            record["mfu"] = record["tokens_per_s"] * mfu_flops / (peak * hardware["n_devices"]) if peak else None
+            return record
 
-    wall = earlier_wall + time.perf_counter() - started  # all attempts of this run
-    done_steps = step
-    steady_tps = steady_tokens / steady_seconds if steady_seconds > 0 else None
-    tokens = done_steps * tokens_per_step
+        bar = tqdm(total=steps, initial=start, unit="step", disable=not t.progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        log = MetricsLog(run_dir, tensorboard=t.tensorboard)
+        pending: list[dict[str, jax.Array]] = []  # per-step metrics, on device, since the last line
+        error = None
+        step = completed = start
+        try:
+            for step in range(start + 1, steps + 1):
+                state, step_metrics = train_step(state, dataset.train_batch(step - 1, t.batch_size))
+                completed = step
+                pending.append(step_metrics)
+                bar.update(1)
+                if should_log(step, steps, t.log_every, t.eval_every):
+                    record = line(step, jax.device_get(pending))
+                    losses.last_train = record["train_loss"]
+                    error = failure(step, losses.last_train)
+                    if error is None and is_eval_step(step, steps, t.eval_every):
+                        with meter.paused():
+                            record["eval_loss"] = losses.add_eval(evaluate(eval_step, state["params"], eval_set, micro_batch))
+                        error = failure(step, losses.last_train, losses.last_eval)
+                    log.write(record)
+                    pending = []
+                    bar.set_postfix(loss=f"{losses.last_train:.3f}", eval=f"{losses.last_eval:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                    if error:
+                        break
+                if should_checkpoint(step, steps, t.checkpoint_every):
+                    save(step)
+        except KeyboardInterrupt:
+            # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint,
+            # its metrics line first, so that metrics.jsonl reaches the step the checkpoint holds.
+            if pending:
+                log.write(line(completed, jax.device_get(pending)))
+            if completed > (checkpoints.latest_step() or 0):
+                bar.write(f"interrupted: saving a checkpoint at step {completed}; rerun the same command to resume")
+                save(completed)
+            raise
+        finally:
+            bar.close()
+            log.close()
+
+    tokens = step * tokens_per_step
     result = {
         "status": "failed" if error else "done",
         "error": error,
         **summary,
-        "step": done_steps,
+        "step": step,
         "tokens": tokens,
+        "epochs": tokens / dataset.n_train_tokens,  # passes over the unique training pool
         "flops": {c: f * tokens for c, f in flops_per_token.items()},
-        "final_train_loss": last_train,
-        "final_eval_loss": last_eval,
-        "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
-        "wall_time_s": wall,
-        "tokens_per_s": steady_tps,
+        "final_train_loss": losses.last_train,
+        "final_eval_loss": losses.last_eval,
+        "best_eval_loss": losses.best_eval if math.isfinite(losses.best_eval) else None,
+        "wall_time_s": earlier_wall + time.perf_counter() - started,  # all attempts of this run
+        "tokens_per_s": meter.steady(),
     }
-    write_json_atomic(run_dir / "result.json", result)
+    write_json_atomic(run_dir / RESULT, result)
     return RunResult(result["status"], error, run_dir, result)
 
 
-def _losses_so_far(run_dir: Path) -> tuple[float, float, float]:
-    """(best eval, last eval, last train) loss in metrics.jsonl: a resumed run keeps its history."""
-    best_eval, last_eval, last_train = math.inf, math.nan, math.nan
-    path = run_dir / "metrics.jsonl"
+def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, float]:
+    """(start step, state, wall seconds of earlier attempts) from the newest complete checkpoint.
+
+    Metrics logged after that checkpoint are dropped; a run with no checkpoint starts over.
+    """
+    start = checkpoints.resume_step()
+    if not start:
+        (run_dir / METRICS).unlink(missing_ok=True)  # a run killed before its first checkpoint
+        return 0, state, 0.0
+    state, meta = checkpoints.restore(start, state)
+    truncate_metrics(run_dir, start)
+    return start, state, float(meta.get("wall_time_s", 0.0))
+
+
+@dataclasses.dataclass
+class _Losses:
+    """Last training loss, last and best eval loss so far (nats/token)."""
+
+    last_train: float = math.nan
+    last_eval: float = math.nan
+    best_eval: float = math.inf
+
+    def add_eval(self, loss: float) -> float:
+        self.last_eval, self.best_eval = loss, min(self.best_eval, loss)
+        return loss
+
+
+def _losses_so_far(run_dir: Path) -> _Losses:
+    """The losses in metrics.jsonl: a resumed run keeps its history."""
+    losses = _Losses()
+    path = run_dir / METRICS
     if path.exists():
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            last_train = record.get("train_loss", last_train)
+            losses.last_train = record.get("train_loss", losses.last_train)
             if record.get("eval_loss") is not None:
-                last_eval = record["eval_loss"]
-                best_eval = min(best_eval, last_eval)
-    return best_eval, last_eval, last_train
+                losses.add_eval(record["eval_loss"])
+    return losses
+
+
+class _Throughput:
+    """Training tokens/s per logged interval, and the steady rate over every interval but the
+    first (which pays for compilation). Time spent evaluating or checkpointing is not counted."""
+
+    def __init__(self, step: int):
+        self._time, self._step, self._first = time.perf_counter(), step, True
+        self._seconds, self._tokens = 0.0, 0
+
+    def interval(self, step: int, tokens_per_step: int) -> float:
+        """Tokens/s since the previous call (or the start), which ends here."""
+        now = time.perf_counter()
+        seconds, tokens = max(now - self._time, 1e-9), (step - self._step) * tokens_per_step
+        if not self._first:
+            self._seconds, self._tokens = self._seconds + seconds, self._tokens + tokens
+        self._time, self._step, self._first = now, step, False
+        return tokens / seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._time += time.perf_counter() - began
+
+    def steady(self) -> float | None:
+        return self._tokens / self._seconds if self._seconds > 0 else None
 
 
 def _record(step: int, tokens_per_step: int, flops_per_token: dict[str, float], host: list[dict], lr: float) -> dict:

@@ -171,6 +171,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
     assert not (tmp_path / "resumed" / "result.json").exists()
     saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == checkpoint_steps
+    logged = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == checkpoint_steps[-1]  # an interrupt writes the completed steps' line before saving
     monkeypatch.setattr(training, "load_dataset", real_load)
     resumed = training.train(cfg, tmp_path / "resumed")
 
@@ -227,7 +229,7 @@ def test_unreadable_checkpoint_is_an_error_naming_it(tmp_path, cache_dir):
         (["model.d_model=33"], "not divisible by model.n_heads"),
         (["model.dmodel=30"], "did you mean 'd_model'"),
         (["data.source=text:/no/such/file.txt"], "/no/such/file.txt"),
-        (["model.seq_len=100000000", "data.source=text:{empty}"], "empty"),
+        (["data.source=text:{empty}"], "empty"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, cache_dir, capsys, overrides, message):
@@ -247,7 +249,7 @@ def test_run_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     run_dir.write_text("not a run")
     assert cli_main(["train", *TINY, "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "exists and is not a directory" in err and len(err.splitlines()) == 1
+    assert str(run_dir) in err and "not a" in err and len(err.splitlines()) == 1
     assert run_dir.read_text() == "not a run"
 
 

@@ -10,6 +10,7 @@ calls, runs or seeds.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +27,8 @@ class TokenDataset:
 
     Attributes: ``vocab_size`` (model ids), ``seq_len``, ``n_train_tokens`` (unique
     training pool after the ``dataset_tokens`` cap), ``n_eval_tokens`` (tokens scored
-    per evaluation pass: windows * seq_len), ``n_eval_pool_tokens``, ``manifest``,
+    per evaluation pass: windows * seq_len; fewer than asked, with a warning, when the held-out
+    pool is smaller), ``n_eval_pool_tokens``, ``manifest``,
     ``entropy_rate`` (nats/token, synthetic sources only, else None).
     """
 
@@ -70,6 +72,12 @@ class TokenDataset:
                 )
             # Non-overlapping targets: starts spaced >= seq_len apart, evenly over the pool.
             n_windows = max(1, min(math.ceil(eval_tokens / seq_len), (n_pool - 1) // seq_len))
+            if n_windows < math.ceil(eval_tokens / seq_len):
+                warnings.warn(
+                    f"{source}: train.eval_tokens={eval_tokens} but the held-out split holds only {n_pool} tokens; "
+                    f"each evaluation scores {n_windows * seq_len} tokens (raise data.eval_fraction to hold out more)",
+                    stacklevel=2,
+                )
             starts = np.floor(np.linspace(0, n_pool - window, n_windows)).astype(np.int64)
             self._eval_windows = np.asarray(eval_pool[starts[:, None] + np.arange(window)], np.int32)
             self.n_eval_pool_tokens = n_pool
