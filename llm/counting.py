@@ -118,6 +118,10 @@ def mfu_flops_per_token(cfg: ModelConfig) -> float:
     output projections, 4*S*N*H for attention logits and values at full context
     (no causal halving, as PaLM), MLP over the active experts + router, and the
     2*d*V unembedding. The embedding lookup (a gather) and softmax are not counted.
+    This is exactly the dot FLOPs of a dense model's forward + backward (tests check it
+    against the jaxpr and XLA's cost analysis). MoE dispatch multiplies padding too
+    (blocked: rows up to whole blocks; capacity: E * C slots per sequence, about
+    capacity_factor x the routed rows); MFU counts it as waste, like any padding.
     """
     d, v, s, n = cfg.d_model, cfg.vocab_size, cfg.seq_len, cfg.n_heads
     h, kv = d // n, cfg.n_kv_heads or n
