@@ -148,6 +148,6 @@ def _drop_orbax_read_echoes() -> None:
             previous(info)
 
     sys.unraisablehook = unraisable
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not str(record.msg).endswith("exception was never retrieved")
+    logging.getLogger("asyncio").addFilter(  # "Future exception was never retrieved\nfuture: <...>"
+        lambda record: not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
     )

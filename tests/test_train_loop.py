@@ -213,6 +213,35 @@ def test_an_incomplete_checkpoint_newer_than_the_last_is_an_error_naming_it(cade
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+def test_an_unreadable_checkpoint_gives_one_error_and_no_event_loop_echoes(tmp_path):
+    import subprocess
+    import sys
+
+    import jax.numpy as jnp
+
+    from llm.checkpoint import Checkpoints
+
+    with Checkpoints(tmp_path / "ck", keep=2) as checkpoints:  # many arrays: many reads in flight
+        checkpoints.save(4, {f"w{i}": jnp.full((1024,), float(i)) for i in range(200)}, {"step": 4})
+    for f in (tmp_path / "ck" / "4" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # array data only: metadata still reads
+            f.write_bytes(b"garbage")
+    script = (
+        "import sys, jax.numpy as jnp\n"
+        "from llm.checkpoint import Checkpoints, CheckpointError\n"
+        f"c = Checkpoints({str(tmp_path / 'ck')!r}, keep=2)\n"
+        "for attempt in range(3):  # the echoes race the error; three tries make them near certain\n"
+        "    try:\n"
+        "        c.restore(4, {f'w{i}': jnp.zeros((1024,)) for i in range(200)})\n"
+        "    except CheckpointError as err:\n"
+        "        print(err, file=sys.stderr)\n"
+        "c.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 3 and all("ck/4 exists but cannot be read" in x for x in lines), proc.stderr[-2000:]
+
+
 def test_a_failed_checkpoint_write_removes_its_temporary_folder(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
