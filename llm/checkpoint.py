@@ -52,8 +52,9 @@ class Checkpoints:
 
         Orbax skips a checkpoint that lacks its completion marker (on a local disk: a folder
         still named ``<step>.orbax-checkpoint-tmp-*``). Skipping a newer one than we resume
-        from would silently redo (or, with none complete, restart) the run, so that is a
-        CheckpointError naming the folder; older leftovers lose nothing and are ignored.
+        from would silently restart the run when none is complete, so that is a CheckpointError
+        naming the folder; with an older complete one (a kill while saving) we resume from it,
+        losing at most checkpoint_every steps, and say so on stderr.
         """
         with _quiet_orbax():  # an unreadable metadata file is logged here, and reported by restore
             latest = self.latest_step() or 0
@@ -64,11 +65,14 @@ class Checkpoints:
             if (match := _STEP_ENTRY.match(entry.name)) and entry.is_dir() and int(match.group(1)) not in complete
         )
         newer = [entry for step, entry in incomplete if step > latest]
-        if newer:
-            fallback = f"step {latest}" if latest else "scratch"
+        if newer and not latest:
             raise CheckpointError(
-                f"checkpoint {newer[-1]} was never completed (killed while saving?); delete it to resume from {fallback}"
+                f"checkpoint {newer[-1]} was never completed (killed while saving?) and no complete one exists; "
+                "delete it to start the run from scratch"
             )
+        if newer:  # a kill during a save: the previous checkpoint is at most checkpoint_every steps behind
+            print(f"warning: checkpoint {newer[-1]} was never completed (killed while saving?); "
+                  f"resuming from step {latest}", file=sys.stderr)
         return latest
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:

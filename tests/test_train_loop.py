@@ -213,6 +213,19 @@ def test_an_incomplete_checkpoint_newer_than_the_last_is_an_error_naming_it(cade
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_kill_while_saving_resumes_from_the_previous_checkpoint_and_says_so(cadence_run, tmp_path, capsys):
+    import shutil
+
+    from llm.checkpoint import Checkpoints
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cadence_run["result"].run_dir, run_dir)
+    os.rename(run_dir / "checkpoints" / "12", run_dir / "checkpoints" / "12.orbax-checkpoint-tmp-99")
+    with Checkpoints(run_dir / "checkpoints", keep=2) as checkpoints:
+        assert checkpoints.resume_step() == 8
+    assert "12.orbax-checkpoint-tmp-99 was never completed" in capsys.readouterr().err
+
+
 def test_an_unreadable_checkpoint_gives_one_error_and_no_event_loop_echoes(tmp_path):
     import subprocess
     import sys
