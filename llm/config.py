@@ -271,3 +271,22 @@ def total_steps(cfg: Config) -> int:
 def tokens_per_step(cfg: Config) -> int:
     """Training tokens consumed by one optimiser step (batch_size * seq_len)."""
     return cfg.train.batch_size * cfg.model.seq_len
+
+
+# How a run is executed, not what it trains: the progress bar, and the MoE kernel (the
+# dispatch kernels compute the same function; "auto" picks one per platform). They may
+# differ between a run and its resume, and they are not part of a run's identity.
+EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul")
+
+
+def without_execution_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a nested config mapping with the EXECUTION_KEYS removed (for comparing runs)."""
+    data = deep_copy(data)
+    for dotted in EXECUTION_KEYS:
+        *path, leaf = dotted.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data

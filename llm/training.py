@@ -26,7 +26,7 @@ from flax import nnx
 
 from llm import counting
 from llm.checkpoint import Checkpoints
-from llm.config import Config, ConfigError, dump_config, total_steps, validate
+from llm.config import Config, ConfigError, dump_config, total_steps, validate, without_execution_keys
 from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
@@ -206,11 +206,7 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / CONFIG
     if not path.exists():
         return
-    old = read_yaml(path)
-    new = to_dict(cfg)
-    for section in (old, new):  # cosmetic keys may change between a run and its resume
-        section.get("train", {}).pop("progress", None)
-    if old != new:
+    if without_execution_keys(read_yaml(path)) != without_execution_keys(to_dict(cfg)):
         raise ConfigError(
             f"{run_dir} already holds a run with a different config.yaml; resume it with the same "
             "config or choose another --run-dir"

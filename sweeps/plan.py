@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from llm.config import Config, ConfigError, ModelConfig, config_from_dict, total_steps, tokens_per_step
+from llm.config import EXECUTION_KEYS, Config, ConfigError, ModelConfig, config_from_dict, total_steps, tokens_per_step
 from llm.typed_yaml import deep_copy, from_dict
 from rundir import format_duration
 from sweeps.recipe import batch_size_for_params, count_params, lr_for_params, model_for_params
@@ -153,9 +153,9 @@ IDENTITY_BASELINE: dict[str, Any] = {
     "train.seed": 0, "train.eval_every": 100, "train.eval_tokens": 32768, "train.log_every": 10,
     "train.checkpoint_every": 200, "train.keep_checkpoints": 2, "train.tensorboard": True,
 }  # fmt: skip
-# Keys that only change what is displayed, never a number a run produces. Kept to the one
-# key that never counted, so names stay stable; when in doubt a key counts.
-COSMETIC_KEYS = frozenset({"train.progress"})
+# Keys that say how a run is executed, never what it computes (llm.config.EXECUTION_KEYS:
+# the progress bar, the MoE kernel); when in doubt a key counts.
+COSMETIC_KEYS = frozenset(EXECUTION_KEYS)
 
 
 def flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

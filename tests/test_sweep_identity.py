@@ -11,7 +11,9 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from llm.config import Config, MoEConfig, OptimConfig
+import pytest
+
+from llm.config import Config, ConfigError, MoEConfig, OptimConfig
 from sweeps.plan import COSMETIC_KEYS, IDENTITY_BASELINE, expand, flat_config
 from sweeps.spec import load_spec
 
@@ -78,11 +80,35 @@ def test_a_changed_moe_default_renames_moe_runs_only():
     from sweeps.plan import config_hash
 
     dense = Config()
-    moe = dataclasses.replace(dense, model=dataclasses.replace(dense.model, moe=MoEConfig(grouped_matmul="ragged_dot")))
-    # e.g. model.moe.grouped_matmul's default becoming "auto": MoE runs are new runs, dense ones keep their names
-    auto = dataclasses.replace(dense, model=dataclasses.replace(dense.model, moe=MoEConfig(grouped_matmul="auto")))
-    assert config_hash(auto) != config_hash(moe)
-    assert "model.moe.grouped_matmul" not in flat_config(dense)
+    moe = dataclasses.replace(dense, model=dataclasses.replace(dense.model, moe=MoEConfig(top_k=2)))
+    # e.g. model.moe.top_k's default becoming 1: MoE runs are new runs, dense ones keep their names
+    top1 = dataclasses.replace(dense, model=dataclasses.replace(dense.model, moe=MoEConfig(top_k=1)))
+    assert config_hash(top1) != config_hash(moe)
+    assert "model.moe.top_k" not in flat_config(dense)
+
+
+def test_the_moe_kernel_is_how_a_run_executes_not_what_it_is():
+    """Dispatch kernels compute the same function: "auto" picks one per platform, so a run
+    planned on a laptop and resumed on a GPU keeps its name and its config check."""
+    from sweeps.plan import config_hash
+
+    base = dataclasses.replace(Config(), model=dataclasses.replace(Config().model, moe=MoEConfig()))
+    names = {
+        config_hash(dataclasses.replace(base, model=dataclasses.replace(base.model, moe=MoEConfig(grouped_matmul=k))))
+        for k in ("auto", "ragged_dot", "blocked")
+    }
+    assert len(names) == 1
+
+
+def test_resuming_with_another_moe_kernel_passes_the_config_check(tmp_path):
+    from llm.config import dump_config
+    from llm.training import _check_same_config
+
+    base = dataclasses.replace(Config(), model=dataclasses.replace(Config().model, moe=MoEConfig(grouped_matmul="ragged_dot")))
+    (tmp_path / "config.yaml").write_text(dump_config(base))
+    _check_same_config(tmp_path, dataclasses.replace(base, model=dataclasses.replace(base.model, moe=MoEConfig(grouped_matmul="auto"))))
+    with pytest.raises(ConfigError, match="different config"):
+        _check_same_config(tmp_path, dataclasses.replace(base, model=dataclasses.replace(base.model, moe=MoEConfig(top_k=1))))
 
 
 def test_baseline_records_every_config_key():
