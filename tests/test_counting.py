@@ -6,7 +6,13 @@ import pytest
 from flax import nnx
 
 from llm.config import ModelConfig, MoEConfig
-from llm.counting import FLOP_CONVENTIONS, flops_per_token, is_moe_block, mfu_flops_per_token, n_params
+from llm.counting import (
+    FLOP_CONVENTIONS,
+    flops_per_token,
+    is_moe_block,
+    mfu_flops_per_token,
+    n_params,
+)
 from llm.model import Transformer
 from llm.moe import MoE
 

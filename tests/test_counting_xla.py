@@ -29,13 +29,13 @@ from llm.model import Transformer
 from llm.moe import expert_capacity
 
 B = 4
-SHAPE = dict(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, seq_len=64, compute_dtype="float32")
+SHAPE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256, "vocab_size": 256, "seq_len": 64, "compute_dtype": "float32"}
 DENSE = {
     "swiglu f32": ModelConfig(**SHAPE),
     "swiglu bf16": ModelConfig(**{**SHAPE, "compute_dtype": "bfloat16"}),
     "gelu gqa tied": ModelConfig(**{**SHAPE, "n_kv_heads": 2, "mlp": "gelu", "tie_embeddings": True, "n_layers": 3}),
 }
-EXPERTS = dict(n_experts=4, top_k=2, d_ff_expert=128)
+EXPERTS = {"n_experts": 4, "top_k": 2, "d_ff_expert": 128}
 MOE = {
     "blocked": ModelConfig(**SHAPE, moe=MoEConfig(**EXPERTS, grouped_matmul="blocked")),
     "capacity 1.25": ModelConfig(**SHAPE, moe=MoEConfig(**EXPERTS, capacity_factor=1.25)),
