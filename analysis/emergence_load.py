@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,19 @@ import pandas as pd
 
 from analysis.emergence_metrics import chance_baselines, score_records
 from analysis.load import AnalysisError, AnalysisWarning, read_json, sweep_members
-from rundir import CONFIG, EVALS, METRICS, RESULT, write_json_atomic, write_text_atomic
+
+# eval_file and write_eval_records live in rundir (llm writes the records, analysis reads them);
+# they are re-exported here (`from analysis.emergence_load import write_eval_records`).
+from rundir import (  # noqa: F401
+    CONFIG,
+    EVAL_RECORDS_RE,
+    EVALS,
+    METRICS,
+    RESULT,
+    eval_file,
+    eval_summary_file,
+    write_eval_records,
+)
 
 COLUMNS = (
     "source", "run", "model", "n_params", "flops", "flops_convention", "tokens", "eval_loss", "seed", "task",
@@ -41,24 +52,7 @@ EXTERNAL_REQUIRED = ("model", "n_params", "flops", "task", "metric", "value")
 EXTERNAL_OPTIONAL = ("baseline", "n_items", "eval_loss", "seed", "step", "ci_lo", "ci_hi", "tokens", "family")
 _TEXT_OPTIONAL = ("seed", "family")
 TABLE_SUFFIXES = (".csv", ".tsv")
-_EVAL_FILE = re.compile(r"^(?P<task>.+)\.step(?P<step>\d+)\.jsonl$")
-
-
-def eval_file(run_dir, task: str, step: int) -> Path:
-    """Path of the records of ``task`` evaluated at training step ``step``."""
-    return Path(run_dir) / EVALS / f"{task}.step{int(step)}.jsonl"
-
-
-def write_eval_records(run_dir, task: str, step: int, records: list[dict], shots: int = 0, baseline=None,
-                       memorisation: bool = False) -> tuple[Path, Path]:  # fmt: skip
-    """Write records and their summary atomically (records first: the summary marks them complete)."""
-    path = eval_file(run_dir, task, step)
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    summary = {"task": task, "step": int(step), "shots": int(shots), "n_items": len(records),
-               "baseline": dict(baseline or {}), "memorisation": bool(memorisation)}  # fmt: skip
-    summary_path = path.with_name(path.name[: -len(".jsonl")] + ".summary.json")
-    write_json_atomic(summary_path, summary)
-    return path, summary_path
+_EVAL_FILE = EVAL_RECORDS_RE
 
 
 def read_eval_records(path) -> list[dict]:
@@ -164,7 +158,7 @@ def _run_rows(run_dir: Path, result: dict, source: str, n_params: str, flops_key
         last[task] = max(last.get(task, -1), step)
     rows = []
     for task, step, path in evals:
-        summary_path = path.with_name(path.name[: -len(".jsonl")] + ".summary.json")
+        summary_path = eval_summary_file(path)
         summary = read_json(summary_path) if summary_path.is_file() else {}
         records = read_eval_records(path)
         if not records:

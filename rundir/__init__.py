@@ -1,5 +1,5 @@
 """The run-directory contract, shared by every layer: file names, FLOP conventions,
-atomic writes, JSON cleaning, durations and the SIGTERM handler.
+atomic writes, JSON cleaning, the evals/ record writer, durations and the SIGTERM handler.
 
 Standard library only, and imports nothing else of the project: ``llm``, ``sweeps``
 and ``analysis`` all import it without breaking the layering (llm and analysis never
@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -22,6 +23,8 @@ METRICS = "metrics.jsonl"
 RESULT = "result.json"
 CHECKPOINTS = "checkpoints"
 EVALS = "evals"
+# evals/<task>.step<S>.jsonl (one record per item) and <task>.step<S>.summary.json beside it.
+EVAL_RECORDS_RE = re.compile(r"^(?P<task>.+)\.step(?P<step>\d+)\.jsonl$")
 
 # How training compute C is counted: 6 N D (Kaplan's 6N per token) or 6 N D plus the
 # attention-score FLOPs (Hoffmann et al. 2022, Appendix F). Never mixed in one fit.
@@ -101,6 +104,36 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as cleaned JSON to ``path`` atomically."""
     write_text_atomic(path, dumps_json(obj) + "\n")
+
+
+def eval_file(run_dir: str | Path, task: str, step: int) -> Path:
+    """Path of the records of ``task`` evaluated at training step ``step``: evals/<task>.step<S>.jsonl."""
+    return Path(run_dir) / EVALS / f"{task}.step{int(step)}.jsonl"
+
+
+def eval_summary_file(records_path: str | Path) -> Path:
+    """The summary beside a records file: <task>.step<S>.summary.json."""
+    records_path = Path(records_path)
+    return records_path.with_name(records_path.name[: -len(".jsonl")] + ".summary.json")
+
+
+def write_eval_records(run_dir: str | Path, task: str, step: int, records: list[dict], shots: int = 0,
+                       baseline: dict | None = None, memorisation: bool = False,
+                       **extra: Any) -> tuple[Path, Path]:  # fmt: skip
+    """Write one evaluation's records (JSON lines) and its summary atomically; records first, since
+    the summary marks them complete.
+
+    The summary holds task, step, shots, n_items, baseline ({metric: random-guess value}) and
+    memorisation, plus ``extra`` (e.g. the task's params, the eval seed). Records and extra are
+    JSON-cleaned (numpy values become Python ones, NaN becomes null).
+    """
+    path = eval_file(run_dir, task, step)
+    write_text_atomic(path, "".join(json.dumps(clean_json(r), allow_nan=False) + "\n" for r in records))
+    summary = {"task": task, "step": int(step), "shots": int(shots), "n_items": len(records),
+               "baseline": dict(baseline or {}), "memorisation": bool(memorisation), **extra}  # fmt: skip
+    summary_path = eval_summary_file(path)
+    write_json_atomic(summary_path, summary)
+    return path, summary_path
 
 
 def read_json_object(path: str | Path) -> dict | None:
