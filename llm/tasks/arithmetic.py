@@ -28,6 +28,12 @@ OPERATIONS = {
 }
 
 
+def check_digits(digits) -> None:
+    """ValueError unless ``digits`` is an integer number of digits in 1..9."""
+    if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
+        raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
+
+
 def operand_range(digits: int) -> tuple[int, int]:
     """Smallest and largest operand with exactly ``digits`` digits (0..9 for one digit)."""
     return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
@@ -56,12 +62,7 @@ class Arithmetic(Task):
             raise ValueError(
                 f"unknown operation {op!r}; choose one of {', '.join(OPERATIONS)}"
             )
-        if (
-            isinstance(digits, bool)
-            or not isinstance(digits, int)
-            or not 1 <= digits <= 9
-        ):
-            raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
+        check_digits(digits)
         super().__init__(test_fraction=test_fraction)
         self.op, self.digits, self.reversed_digits = op, digits, bool(reversed_digits)
         self.lo, self.hi = operand_range(digits)

@@ -285,3 +285,15 @@ class Task:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"get_task({self.name!r}{', ' if params else ''}{params})"
+
+
+class ListedTask(Task):
+    """A task whose whole item space is a fixed list ``self._items``, built in ``__init__``."""
+
+    _items: list[Item]
+
+    def sample(self, rng: np.random.Generator) -> Item:
+        return self._items[int(rng.integers(len(self._items)))]
+
+    def all_items(self) -> Sequence[Item]:
+        return self._items

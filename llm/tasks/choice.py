@@ -13,7 +13,7 @@ import string
 
 import numpy as np
 
-from llm.tasks.arithmetic import operand_range
+from llm.tasks.arithmetic import check_digits, operand_range
 from llm.tasks.base import (
     BRIER,
     EXACT_MATCH,
@@ -29,12 +29,7 @@ class Larger(Task):
     """Which of two different k-digit numbers is larger."""
 
     def __init__(self, digits: int = 2, *, test_fraction: float = 0.2):
-        if (
-            isinstance(digits, bool)
-            or not isinstance(digits, int)
-            or not 1 <= digits <= 9
-        ):
-            raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
+        check_digits(digits)
         super().__init__(test_fraction=test_fraction)
         self.digits = digits
         self.lo, self.hi = operand_range(digits)

@@ -14,7 +14,7 @@ import string
 
 import numpy as np
 
-from llm.tasks.base import EXACT_MATCH, PER_TOKEN_ACCURACY, Item, Task
+from llm.tasks.base import EXACT_MATCH, PER_TOKEN_ACCURACY, Item, ListedTask
 
 KEY_ALPHABET = string.ascii_lowercase + string.digits
 VALUE_ALPHABET = string.ascii_lowercase
@@ -47,7 +47,7 @@ def fact_table(
     return table
 
 
-class Facts(Task):
+class Facts(ListedTask):
     """A fixed table of ``n_keys`` keys, each mapped to ``value_len`` random letters."""
 
     memorisation = True
@@ -74,12 +74,6 @@ class Facts(Task):
             Item(prompt=f"Q: {k}\nA: ", target=v, key=f"fact:{k}")
             for k, v in self.table
         ]
-
-    def sample(self, rng: np.random.Generator) -> Item:
-        return self._items[int(rng.integers(len(self._items)))]
-
-    def all_items(self):
-        return self._items
 
     @property
     def baseline(self) -> dict[str, float]:

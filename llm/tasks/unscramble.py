@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llm.tasks.base import EXACT_MATCH, PER_TOKEN_ACCURACY, Item, Task, _stable_int
+from llm.tasks.base import EXACT_MATCH, PER_TOKEN_ACCURACY, Item, ListedTask, _stable_int
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,7 +62,7 @@ def _arrangements(word: str) -> int:
     return n
 
 
-class Unscramble(Task):
+class Unscramble(ListedTask):
     """Unscramble a word; the word list is ``words`` or taken from ``corpus``."""
 
     def __init__(
@@ -111,12 +111,6 @@ class Unscramble(Task):
             target=word,
             key=f"letters:{''.join(sorted(word))}",
         )
-
-    def sample(self, rng: np.random.Generator) -> Item:
-        return self._items[int(rng.integers(len(self._items)))]
-
-    def all_items(self):
-        return self._items
 
     @property
     def baseline(self) -> dict[str, float]:
