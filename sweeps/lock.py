@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from rundir import FILE_MODE  # the umask decides, as for every other file of a sweep
+
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # heartbeat silence after which another host's lock is considered dead
 
@@ -128,7 +130,7 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(50):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
             except FileExistsError:
                 owner = read_owner(self.path)
                 if not is_stale(owner, self.stale_after_s):
@@ -156,7 +158,7 @@ class RunLock:
         """Delete a dead owner's lock; a second O_EXCL file makes sure only one process does."""
         guard = self.path.with_name(self.path.name + ".takeover")
         try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
         except FileExistsError:
             try:  # a taker that died mid-takeover leaves its guard behind
                 if time.time() - guard.stat().st_mtime > 10:
