@@ -62,6 +62,22 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskMixConfig:
+    """Generated tasks (``llm.tasks``) mixed into the training stream (issue 10).
+
+    A ``fraction`` of the training sequences of every run come from a pool of task
+    documents (train items only, unless the task is memorisation), tokenised with the
+    run's tokenizer; the held-out split (eval loss) stays pure corpus text.
+    """
+
+    names: tuple[str, ...] = ()  # llm.tasks registry names, e.g. [facts, add3_reversed]
+    params: dict[str, dict[str, Any]] | None = None  # per name: get_task parameters, e.g. {facts: {n_keys: 768}}
+    fraction: float = 0.1  # share of training sequences (= tokens) that are task text
+    seed: int = 0  # task item stream and the choice of task rows; batch i is a function of (data seed, seed, i)
+    pool_tokens: int = 1_000_000  # task tokens generated per run (split equally between tasks); windows drawn from it
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from and how they are split and sampled."""
 
@@ -77,6 +93,7 @@ class DataConfig:
     text_key: str = "text"  # feature holding the text in TFDS examples
     markov_alpha: float = 0.3  # synthetic:markov: Dirichlet concentration of each row (small = low entropy)
     markov_support: int = 16  # synthetic:markov: possible successors per token
+    tasks: TaskMixConfig | None = None  # generated tasks mixed into training (off by default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +169,7 @@ RANGES: dict[str, str] = {
     "model.moe.load_balance_coef": ">= 0", "model.moe.router_z_coef": ">= 0",
     "data.seed": "in [0, 2**63)", "data.dataset_tokens": "> 0", "data.eval_fraction": "in (0, 1)",
     "data.markov_alpha": "> 0", "data.markov_support": ">= 2",
+    "data.tasks.fraction": "in (0, 1)", "data.tasks.seed": "in [0, 2**63)", "data.tasks.pool_tokens": "> 0",
     "optim.lr": "> 0", "optim.warmup_steps": ">= 0", "optim.min_lr_ratio": "in [0, 1]",
     "optim.decay_fraction": "in [0, 1]", "optim.weight_decay": ">= 0",
     "optim.b1": "in [0, 1)", "optim.b2": "in [0, 1)",  # Adam's moment decays: 1 never forgets the first gradient
@@ -221,12 +239,41 @@ def validate(cfg: Config) -> Config:
             "tfds:<name>[/<config>] or synthetic:<name>"
         )
     _one_of("data.source scheme", d.source.split(":", 1)[0], ("builtin", "text", "tfds", "synthetic"))
+    if d.tasks is not None:
+        _check_tasks(d.tasks, synthetic)
     _one_of("optim.schedule", o.schedule, _SCHEDULES)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if (t.steps is None) == (t.tokens is None):
         raise ConfigError("set exactly one of train.steps and train.tokens (the other to null)")
     return cfg
+
+
+def _check_tasks(mix: TaskMixConfig, synthetic: bool) -> None:
+    """data.tasks: known names (each once), params only for those names, and each task buildable."""
+    # lazy: only configs that mix tasks pay for the import
+    from llm.tasks import TASKS, get_task
+
+    if synthetic:
+        raise ConfigError("data.tasks needs a text source (builtin:, text:, tfds:): synthetic sources emit "
+                          "token ids, not text; set data.tasks=null")
+    if not mix.names:
+        raise ConfigError("data.tasks.names is empty: name at least one task, e.g. data.tasks.names=[facts]")
+    for name in mix.names:
+        if name not in TASKS:
+            raise ConfigError(f"data.tasks.names: unknown task {name!r}{did_you_mean(name, list(TASKS))}; "
+                              f"choose from {', '.join(TASKS)}")
+        if mix.names.count(name) > 1:
+            raise ConfigError(f"data.tasks.names lists {name!r} twice")
+    params = mix.params or {}
+    for name in params:
+        if name not in mix.names:
+            raise ConfigError(f"data.tasks.params.{name}: not one of data.tasks.names ({', '.join(mix.names)})")
+    for name in mix.names:
+        try:
+            get_task(name, **params.get(name, {}))
+        except ConfigError as err:
+            raise ConfigError(f"data.tasks.params.{name}: {err}") from None
 
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:

@@ -336,7 +336,10 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
         **summary,
         "step": step,
         "tokens": tokens,
-        "epochs": tokens / dataset.n_train_tokens,  # passes over the unique training pool
+        # passes over the unique training pool (corpus tokens only when tasks are mixed in)
+        "epochs": tokens * (1.0 - dataset.task_fraction(step, t.batch_size)) / dataset.n_train_tokens,
+        # data.tasks: names, params, requested and achieved (over these steps) token fraction; D counts both
+        "data_tasks": dataset.tasks.summary(step, t.batch_size) if dataset.tasks is not None else None,
         "flops": {c: f * tokens for c, f in flops_per_token.items()},
         "final_train_loss": losses.last_train,
         "final_eval_loss": losses.last_eval,

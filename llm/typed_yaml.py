@@ -197,6 +197,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()
+        }
     if tp is Any:
         return value
     if isinstance(value, str) and tp in (int, float):

@@ -146,6 +146,8 @@ IDENTITY_BASELINE: dict[str, Any] = {
     "data.eval_fraction": 0.01, "data.cache_dir": None, "data.tfds_data_dir": None,
     "data.tfds_manual_dir": None, "data.tfds_split": "train", "data.text_key": "text",
     "data.markov_alpha": 0.3, "data.markov_support": 16,
+    "data.tasks": None, "data.tasks.names": (), "data.tasks.params": None, "data.tasks.fraction": 0.1,
+    "data.tasks.seed": 0, "data.tasks.pool_tokens": 1_000_000,
     "optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 50, "optim.min_lr_ratio": 0.1,
     "optim.decay_fraction": 0.2, "optim.weight_decay": 0.1, "optim.b1": 0.9, "optim.b2": 0.95,
     "optim.eps": 1e-8, "optim.grad_clip": 1.0, "optim.z_loss_coef": 0.0,

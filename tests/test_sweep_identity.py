@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import Config, ConfigError, MoEConfig, OptimConfig
+from llm.config import Config, ConfigError, MoEConfig, OptimConfig, TaskMixConfig
 from sweeps.plan import COSMETIC_KEYS, IDENTITY_BASELINE, expand, flat_config
 from sweeps.spec import load_spec
 
@@ -112,8 +112,9 @@ def test_resuming_with_another_moe_kernel_passes_the_config_check(tmp_path):
 
 
 def test_baseline_records_every_config_key():
-    on = dataclasses.replace(Config(), model=dataclasses.replace(Config().model, moe=MoEConfig()))
-    keys = set(flat_config(on)) | {"model.moe"}
+    on = dataclasses.replace(Config(), model=dataclasses.replace(Config().model, moe=MoEConfig()),
+                             data=dataclasses.replace(Config().data, tasks=TaskMixConfig()))
+    keys = set(flat_config(on)) | {"model.moe", "data.tasks"}
     missing = sorted(keys - set(IDENTITY_BASELINE) - COSMETIC_KEYS)
     assert not missing, (
         f"config keys {missing} are not in sweeps.plan.IDENTITY_BASELINE: add each with the value that "

@@ -4,7 +4,9 @@ Training batch ``step`` is a pure function of (data seed, step): window starts a
 drawn uniformly from the training pool by a NumPy generator seeded with
 (seed, step), so a resumed run needs only the step. The evaluation set is a fixed
 list of windows spread evenly over the held-out pool; it never changes between
-calls, runs or seeds.
+calls, runs or seeds. With ``data.tasks`` a share of each training batch is task text
+(``llm.data.task_mix``; batch i is then a function of (data seed, task seed, i)); the
+evaluation windows stay pure corpus text, so eval losses compare across mixes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class TokenDataset:
     training pool after the ``dataset_tokens`` cap), ``n_eval_tokens`` (tokens scored
     per evaluation pass: windows * seq_len; fewer than asked, with a warning, when the held-out
     pool is smaller), ``n_eval_pool_tokens``, ``manifest``,
-    ``entropy_rate`` (nats/token, synthetic sources only, else None).
+    ``entropy_rate`` (nats/token, synthetic sources only, else None), ``tasks``
+    (the ``TaskPool`` mixed into training batches by ``data.tasks``, else None; the
+    held-out windows are corpus text either way).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class TokenDataset:
         manifest: dict,
         entropy_rate: float | None = None,
         eval_windows: np.ndarray | None = None,
+        tasks=None,
     ):
         source = manifest.get("source", "data")
         window = seq_len + 1
@@ -58,6 +63,7 @@ class TokenDataset:
         self.manifest = manifest
         self.entropy_rate = entropy_rate
         self._train = train
+        self.tasks = tasks
         self._bpe = None
         self.n_train_tokens = int(train.shape[0])
         if eval_windows is not None:  # e.g. independent synthetic sequences
@@ -87,7 +93,14 @@ class TokenDataset:
         """int32 [batch_size, seq_len+1] windows of the training pool for optimiser step ``step``."""
         rng = np.random.default_rng([_STREAM, int(self.seed) % 2**64, int(step)])
         starts = rng.integers(0, self.n_train_tokens - self.seq_len, size=batch_size)
-        return np.asarray(self._train[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
+        batch = np.array(self._train[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
+        if self.tasks is not None:  # a share of rows become task windows: (data seed, task seed, step)
+            self.tasks.mix_into(batch, step, self.seed)
+        return batch
+
+    def task_fraction(self, steps: int, batch_size: int) -> float:
+        """Share of the training tokens of batches 0..steps-1 that are task text (0.0 without data.tasks)."""
+        return 0.0 if self.tasks is None else self.tasks.achieved_fraction(steps, batch_size)
 
     def eval_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """The fixed held-out windows as int32 [b, seq_len+1] batches, b <= batch_size (last may be short)."""
@@ -177,6 +190,11 @@ def load_dataset(
             )
         train = train[: data_cfg.dataset_tokens]
     manifest = {**manifest, "dataset_tokens": data_cfg.dataset_tokens, "n_train_tokens": int(train.shape[0])}
+    tasks = None
+    if data_cfg.tasks is not None:
+        from llm.data.task_mix import TaskPool, run_tokenizer
+
+        tasks = TaskPool(data_cfg.tasks, run_tokenizer(manifest), seq_len=seq_len)
     return TokenDataset(
         train,
         eval_pool,
@@ -185,6 +203,7 @@ def load_dataset(
         eval_tokens=eval_tokens,
         seed=data_cfg.seed,
         manifest=manifest,
+        tasks=tasks,
     )
 
 
