@@ -47,6 +47,11 @@ class Checkpoints:
         """Step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint kept, ascending."""
+        with _quiet_orbax():
+            return sorted(int(s) for s in self._manager.all_steps())
+
     def resume_step(self) -> int:
         """Step to resume from: the newest complete checkpoint, 0 if there is none.
 

@@ -256,6 +256,118 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- eval / emergence
+
+
+def _task_list(text: str) -> list[str]:
+    """argparse type: comma-separated task names (checked against the registry when the command runs)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected task names such as add3_reversed,facts, got {text!r}")
+    return names
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a finished run on generated tasks (few-shot), writing evals/ records",
+        description=(
+            "Evaluate a finished run (result.json status done) on generated tasks, few-shot: for each held-out\n"
+            "test item, the target's teacher-forced per-token log-probabilities and argmax correctness, and the\n"
+            "greedy output up to the task's stop string. Writes RUN_DIR/evals/<task>.step<S>.jsonl (one record\n"
+            "per item) and <task>.step<S>.summary.json; `chinchax emergence` scores them.\n"
+            "A task the run mixed into pre-training (data.tasks) is built with the params it was trained with.\n\n"
+            "Tasks: add1..add5, sub1..sub5, mul1, mul2 (each also _reversed), modadd, copy, recall, facts,\n"
+            "unscramble, larger.\n\n"
+            "Examples:\n"
+            "  chinchax eval runs/d128 --tasks add3_reversed,facts --shots 4\n"
+            "  chinchax eval runs/d128 --tasks facts --shots 0 --step 400 --items 200"
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="finished run directory")
+    p.add_argument("--tasks", type=_task_list, required=True, help="comma-separated task names, e.g. add3_reversed,facts")
+    p.add_argument("--shots", type=_count, required=True, help="demonstrations before each query")
+    p.add_argument("--step", type=_count, default=None, help="checkpoint step to evaluate (default: the final step)")
+    p.add_argument("--items", type=_positive_int, default=500, help="test items per task (fewer when the test split is smaller)")
+    p.add_argument("--seed", type=_count, default=0, help="seed of the test items and their demonstrations")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward pass")
+    p.add_argument("--max-length", type=_int_at_least(2), default=None,
+                   help="longest sequence scored; longer prompts lose their oldest tokens (default: the model's seq_len)")  # fmt: skip
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from llm.evaluation import evaluate_tasks
+
+    _check_folder("RUN_DIR", args.run_dir)
+    summaries = evaluate_tasks(args.run_dir, args.tasks, args.shots, step=args.step, n_items=args.items,
+                               seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)  # fmt: skip
+    from analysis.emergence_load import read_eval_records
+    from analysis.emergence_metrics import item_scores
+
+    for s in summaries:
+        scores = item_scores(read_eval_records(s["records"])).mean(numeric_only=True)
+        rate = s["n_items"] / s["eval_seconds"] if s["eval_seconds"] > 0 else float("nan")
+        print(f"{s['task']} step {s['step']}: {s['n_items']} items, exact match {scores['exact_match']:.3f}, "
+              f"token accuracy {scores['token_accuracy']:.3f} ({rate:.0f} items/s) -> {s['records']}")  # fmt: skip
+        if s["n_truncated"]:
+            print(f"chinchax: warning: {s['task']}: {s['n_truncated']} of {s['n_items']} prompts longer than "
+                  f"max_length={s['max_length']} lost their oldest tokens (raise --max-length or use fewer --shots)",
+                  file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _add_emergence_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "emergence",
+        help="score evals/ records (or a published table) and draw emergence figures, table and report",
+        description=(
+            "Score the evals/ records of a sweep or run directory (written by `chinchax eval`), or read a\n"
+            "published CSV/TSV table (columns model, n_params, flops, task, metric, value; optional baseline,\n"
+            "n_items, ...), and write emergence_metrics.csv, emergence.json, emergence.md and figures (PNG + PDF):\n"
+            "metric against training FLOPs and N (random baseline drawn), exact match next to per-token\n"
+            "metrics with the p^L predictions, metric against eval loss, metric against training step.\n\n"
+            "Examples:\n"
+            "  chinchax emergence sweeps_out/emergence\n"
+            "  chinchax emergence sweeps_out/emergence --overlay gpt3_arithmetic.csv --out-dir figs"
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("path", type=Path, metavar="PATH", help="sweep directory, run directory, or CSV/TSV table")
+    p.add_argument("--overlay", type=Path, action="append", default=[], metavar="CSV",
+                   help="another sweep/run directory or table drawn alongside; repeat for several")  # fmt: skip
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where to write (default: <dir>/emergence, or <table>_emergence/ next to a table)")  # fmt: skip
+    p.add_argument("--bootstrap", type=_count, default=1000, help="bootstrap resamples of items for the intervals")
+    p.add_argument("--seed", type=_count, default=0, help="bootstrap seed")
+    p.add_argument("--no-figures", action="store_true", help="write the table and report only")
+    p.add_argument("--include-stale", action="store_true",
+                   help="in a sweep directory, also score finished run folders its index.json does not list")  # fmt: skip
+    p.set_defaults(func=_cmd_emergence)
+
+
+def _cmd_emergence(args: argparse.Namespace) -> int:
+    import warnings
+
+    import analysis
+    from analysis.emergence_report import emergence_path
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", analysis.AnalysisWarning)
+            result = emergence_path(args.path, args.out_dir, overlay=args.overlay, n_bootstrap=args.bootstrap,
+                                    seed=args.seed, include_stale=args.include_stale, figures_=not args.no_figures)  # fmt: skip
+    except analysis.AnalysisError as err:
+        return _fail(str(err))
+    for w in caught:
+        if issubclass(w.category, analysis.AnalysisWarning):
+            print(f"chinchax: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {result['outputs']['emergence.md']} ({result['n_runs']} runs, tasks: {', '.join(result['tasks'])}, "
+          f"{len(result['outputs']['figures'])} figure files)")  # fmt: skip
+    return 0
+
+
 # --------------------------------------------------------------------------- sweep
 
 
@@ -392,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_parser(sub)
     _add_fit_parser(sub)
     _add_plot_parser(sub)
+    _add_eval_parser(sub)
+    _add_emergence_parser(sub)
     return parser
 
 
