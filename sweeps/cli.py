@@ -7,6 +7,7 @@ path, table, argument), reported before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import argparse
 import math
 import sys
@@ -117,6 +118,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from sweeps.lock import run_lock_path
+
+    locks_dir = run_lock_path(args.run_dir).parent
+    new_locks_dir = not locks_dir.exists()
     lock = _lock_run_dir(args.run_dir)
     try:
         from llm.training import train
@@ -125,6 +130,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, args.run_dir)
     finally:
         lock.release()
+        if new_locks_dir:  # bad input found by train() leaves nothing behind, the lock folder included
+            with contextlib.suppress(OSError):
+                locks_dir.rmdir()
     return 0 if result.status == "done" else _fail(f"run failed: {result.error} (see {args.run_dir / 'result.json'})", 1)
 
 
