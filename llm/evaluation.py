@@ -12,10 +12,12 @@ lm-evaluation-harness:
 - ``generate_until([(context, until, max_tokens), ...]) -> [continuation text]`` (greedy; the
   harness's ``(context, {"until": [...], "max_gen_toks": n})`` is accepted too).
 
-Generation runs on the device in one ``lax.while_loop`` per batch: each new token re-runs the
-forward pass over a fixed-length padded buffer (no KV cache; short answers need a few steps),
-and the loop stops as soon as every row has emitted a single-token stop string or the
-end-of-text token. Stop strings are applied exactly on the host afterwards.
+Generation runs on the device in one ``lax.while_loop`` per batch, with a key/value cache: one
+forward pass over the padded prompts fills it, then each step feeds one token per row at its own
+position (``kv_cache=False``: each new token re-runs the full forward pass over the padded buffer;
+both equal step-by-step argmax decoding of the unpadded sequences). The loop stops as soon as
+every row has emitted a single-token stop string or the end-of-text token; stop strings are
+applied exactly on the host afterwards.
 
 Every sequence starts with the tokenizer's end-of-text id (documents are joined by it in
 pre-training, so a prompt reads as the start of a document). Contexts longer than
@@ -139,6 +141,89 @@ def make_generate_fn(graphdef: nnx.GraphDef) -> Callable:
     return jax.jit(generate)
 
 
+def _rope_at(x_BSNH, sin_BSH2, cos_BSH2):
+    """llm.layers.apply_rope with a position per row (GPT-NeoX layout: halves (i, i + H/2) rotate)."""
+    x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin_BSH2[:, :, None, :], cos_BSH2[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSNH.dtype)
+
+
+def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
+    """Logits [B, S, V] of tokens at positions pos_BS, attending to the cached keys/values at positions
+    <= their own; writes this step's keys/values into the cache (a list of per-layer (k, v) [B, T, K, H]).
+
+    The same computation as ``Transformer.__call__`` (llm.model), step by step: embedding, per block
+    attention (RoPE at absolute positions) and the MLP slot, final norm, unembedding.
+    """
+    from llm.layers import rope_tables
+
+    cfg, cdt = model.cfg, model.compute_dtype
+    t_max = cache[0][0].shape[1]
+    sin_TH2, cos_TH2 = rope_tables(t_max, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+    sin_BSH2, cos_BSH2 = sin_TH2[pos_BS], cos_TH2[pos_BS]
+    rows_B1 = jnp.arange(tokens_BS.shape[0])[:, None]
+    mask_B1ST = (jnp.arange(t_max)[None, None, :] <= pos_BS[:, :, None])[:, None]
+    x_BSD = jnp.take(model.embed_VD[...], tokens_BS, axis=0).astype(cdt)
+    new_cache = []
+    for block, (k_cache, v_cache) in zip(model.blocks, cache):
+        attn = block.attn
+        h_BSD = block.attn_norm(x_BSD).astype(cdt)
+        q = _rope_at(jnp.einsum("bsd,dnh->bsnh", h_BSD, attn.w_q_DNH[...].astype(cdt)), sin_BSH2, cos_BSH2)
+        k = _rope_at(jnp.einsum("bsd,dkh->bskh", h_BSD, attn.w_k_DKH[...].astype(cdt)), sin_BSH2, cos_BSH2)
+        v = jnp.einsum("bsd,dkh->bskh", h_BSD, attn.w_v_DKH[...].astype(cdt))
+        k_cache = k_cache.at[rows_B1, pos_BS].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[rows_B1, pos_BS].set(v.astype(v_cache.dtype))
+        new_cache.append((k_cache, v_cache))
+        o_BSNH = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask_B1ST, implementation="xla")
+        x_BSD = x_BSD + jnp.einsum("bsnh,nhd->bsd", o_BSNH, attn.w_o_NHD[...].astype(cdt))
+        if block.is_moe:
+            h_BSD, _ = block.mlp(block.mlp_norm(x_BSD), valid_BS)
+        else:
+            h_BSD = block.mlp(block.mlp_norm(x_BSD))
+        x_BSD = x_BSD + h_BSD
+    x_BSD = model.final_norm(x_BSD)
+    w_DV = model.embed_VD[...].T if cfg.tie_embeddings else model.unembed_DV[...]
+    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, w_DV.astype(cdt), preferred_element_type=jnp.float32)
+    return logits_BSV, new_cache
+
+
+def make_cached_generate_fn(graphdef: nnx.GraphDef) -> Callable:
+    """``make_generate_fn`` with a key/value cache: one forward pass over the prompts (prefill), then one
+    token per step attending to the cached keys and values. Same signature and results."""
+
+    def generate(params, tokens_BT, lengths_B, out_BM, n_new, stop_BS, done_B):
+        model = nnx.merge(graphdef, params)
+        cfg = model.cfg
+        b, t = tokens_BT.shape
+        kv_heads, head_dim = cfg.n_kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads
+        cache = [(jnp.zeros((b, t, kv_heads, head_dim), model.compute_dtype),) * 2 for _ in range(cfg.n_layers)]
+        rows_B = jnp.arange(b)
+        pos_BT = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+        logits_BTV, cache = _cached_forward(model, tokens_BT, pos_BT, pos_BT < lengths_B[:, None], cache)
+        next_B = jnp.argmax(logits_BTV[rows_B, lengths_B - 1], axis=-1).astype(tokens_BT.dtype)
+        out_BM = out_BM.at[:, 0].set(next_B)
+        done_B = done_B | jnp.any(next_B[:, None] == stop_BS, axis=-1)
+
+        def cond(carry):
+            i, _, _, _, done = carry
+            return (i < n_new) & ~jnp.all(done)
+
+        def body(carry):
+            i, prev_B, cache, out, done = carry
+            pos_B1 = (lengths_B + i - 1)[:, None]  # the previous token's position
+            logits_B1V, cache = _cached_forward(model, prev_B[:, None], pos_B1, jnp.ones_like(pos_B1, bool), cache)
+            next_B = jnp.argmax(logits_B1V[:, 0], axis=-1).astype(prev_B.dtype)
+            out = out.at[:, i].set(next_B)
+            done = done | jnp.any(next_B[:, None] == stop_BS, axis=-1)
+            return i + 1, next_B, cache, out, done
+
+        init = (jnp.ones((), jnp.int32), next_B, cache, out_BM, done_B)
+        i, _, _, out_BM, _ = jax.lax.while_loop(cond, body, init)
+        return out_BM, i
+
+    return jax.jit(generate)
+
+
 # --------------------------------------------------------------------------- the evaluator
 
 
@@ -158,9 +243,12 @@ class Evaluator:
       batch_size: sequences per forward pass (the largest batch bucket).
       prefix_id: token put before every context (default the tokenizer's end-of-text id; None: none,
         except that an empty context always gets the end-of-text id, as in the harness).
+      kv_cache: generate with a key/value cache (prefill, then one token per step); False re-runs the
+        full forward pass over the padded buffer for every new token (the reference path).
     """
 
-    def __init__(self, graphdef, params, tokenizer, *, max_length: int, batch_size: int = 64, prefix_id: Any = "eot"):
+    def __init__(self, graphdef, params, tokenizer, *, max_length: int, batch_size: int = 64, prefix_id: Any = "eot",
+                 kv_cache: bool = True):
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if batch_size < 1:
@@ -173,7 +261,7 @@ class Evaluator:
         self.prefix = [] if prefix_id is None else [int(self.eot_id if prefix_id == "eot" else prefix_id)]
         self.n_truncated = 0  # requests whose context lost tokens to max_length
         self._score = make_score_fn(graphdef)
-        self._generate = make_generate_fn(graphdef)
+        self._generate = (make_cached_generate_fn if kv_cache else make_generate_fn)(graphdef)
 
     @classmethod
     def from_model(cls, model: nnx.Module, tokenizer, **kwargs) -> Evaluator:

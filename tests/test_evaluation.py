@@ -78,8 +78,9 @@ def test_bucketing_and_batching_do_not_change_scores(model):
         np.testing.assert_array_equal(c1, c2)
 
 
-def test_generate_until_equals_step_by_step_argmax_decoding(model, forward):
-    ev = Evaluator.from_model(model, TOK, max_length=64, batch_size=2)  # lengths mixed in each batch
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_generate_until_equals_step_by_step_argmax_decoding(model, forward, kv_cache):
+    ev = Evaluator.from_model(model, TOK, max_length=64, batch_size=2, kv_cache=kv_cache)  # lengths mixed per batch
     want = [None] * 4
     want[0::2] = reference_generate(forward, CONTEXTS[0::2], 5)
     want[1::2] = reference_generate(forward, CONTEXTS[1::2], 5)
