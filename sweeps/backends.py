@@ -262,9 +262,11 @@ def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1) 
     raise ConfigError(f"--backend {name!r} is not known; choose local or ray")
 
 
-def worker_command(config: Path, run_dir: Path, run_name: str, lock: Path, train_fn: str) -> list[str]:
-    """The command that trains one run (``python -m sweeps.worker ...``)."""
+def worker_command(config: Path, run_dir: Path, run_name: str, lock: Path, train_fn: str,
+                   eval_json: str | None = None) -> list[str]:  # fmt: skip
+    """The command that trains one run (``python -m sweeps.worker ...``); with ``eval_json`` (the
+    spec's eval section as JSON) it also evaluates the finished run."""
     return [
         sys.executable, "-m", "sweeps.worker", "--config", str(config), "--run-dir", str(run_dir),
         "--run-name", run_name, "--lock", str(lock), "--train-fn", train_fn,
-    ]
+    ] + (["--eval", eval_json] if eval_json else [])

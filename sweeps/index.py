@@ -59,7 +59,7 @@ def index_row(
     return {
         "name": run.name,
         "status": state,
-        "error": error if error is not None else (result.get("error") if state == "failed" else None),
+        "error": error if error is not None else (result.get("error") if state == "failed" else _eval_error(run_dir, state)),
         "budget": run.budget,
         "n_params": run.n_params,
         "n_params_nonembed": result.get("n_params_nonembed"),
@@ -90,3 +90,13 @@ def write_index(sweep_dir: Path, spec_name: str, convention: str, rows: Iterable
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
     write_text_atomic(Path(sweep_dir) / "index.csv", buf.getvalue())
     return index
+
+
+def _eval_error(run_dir: Path, state: str) -> str | None:
+    """A done run's failed evaluation (sweeps.evals: evals/failed.json), as the index's error."""
+    if state != "done":
+        return None
+    from sweeps.evals import eval_failure
+
+    error = eval_failure(run_dir)
+    return None if error is None else f"eval: {error}"

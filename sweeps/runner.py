@@ -8,6 +8,12 @@ Layout of a sweep directory::
     logs/<run name>.log   the run's stdout and stderr
     .configs/, .locks/    each run's resolved config and lock
     fits.json, figures/, report.md   from analysis.fit_path when the spec has ``fit:``
+    emergence/            from analysis.emergence_path when the spec has ``fit: {kind: emergence}``
+
+With an ``eval:`` section each run is evaluated by its worker right after training
+(``sweeps.evals``); a run finished earlier whose evaluations are missing is given a worker
+that only evaluates. A failed evaluation is recorded in the run's evals/failed.json, shown
+in the index and the summary, and retried only with ``retry_failed``.
 
 Re-running the same command is always safe: done runs are skipped, interrupted runs
 resume from their checkpoints (train does that), failed runs are retried only with
@@ -28,6 +34,7 @@ import yaml
 
 from llm.config import dump_config
 from sweeps.backends import make_backend, worker_command
+from sweeps.evals import eval_failure, eval_spec_to_json, needs_eval
 from sweeps.index import index_row, lock_path, run_state, write_index
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun, expand
@@ -48,10 +55,11 @@ class SweepReport:
     trained: list[str]  # runs this launch started
     failed: list[tuple[str, str]]  # (name, error)
     fit_status: str  # "done", "failed: ...", "skipped: ..." or "not requested"
+    eval_failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, error): done, evaluation failed
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.fit_status.startswith("failed")
+        return not self.failed and not self.eval_failed and not self.fit_status.startswith("failed")
 
 
 def default_sweep_dir(spec: SweepSpec) -> Path:
@@ -204,11 +212,17 @@ def run_fit(
 
         options = dict(spec.fit.options or {})
         options["include_stale"] = bool(include_stale or options.get("include_stale", False))
-        if "progress" in inspect.signature(analysis.fit_path).parameters:
+        if spec.fit.kind != "emergence" and "progress" in inspect.signature(analysis.fit_path).parameters:
             options.setdefault("progress", sys.stderr.isatty())  # no progress bars in log files
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", analysis.AnalysisWarning)
-            analysis.fit_path(sweep_dir, **options)
+            if spec.fit.kind == "emergence":
+                from analysis.emergence_report import emergence_path
+
+                options.pop("progress", None)
+                emergence_path(sweep_dir, **options)
+            else:
+                analysis.fit_path(sweep_dir, **options)
         for w in caught:
             say(f"fit: warning: {w.message}")
     except Exception as err:  # a fit problem must not hide the finished runs
@@ -312,7 +326,8 @@ class _Launch:
             if holder(lock) is not None:
                 self.status[name] = "waiting"
                 continue
-            cmd = worker_command(self.sweep_dir / ".configs" / f"{name}.yaml", self.sweep_dir / name, name, lock, self.train_fn)
+            cmd = worker_command(self.sweep_dir / ".configs" / f"{name}.yaml", self.sweep_dir / name, name, lock,
+                                 self.train_fn, eval_spec_to_json(self.spec.eval) if self.spec.eval else None)  # fmt: skip
             self.active[name] = backend.start(cmd, self.env, self.sweep_dir / "logs" / f"{name}.log")
             self.status[name] = "running"
             self.trained.append(name)
@@ -380,16 +395,20 @@ def run_sweep(
     prepare(spec, sweep_dir, runs, raw_spec)
     env = run_env(jax_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None))
     launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn))
+    to_evaluate = 0
     for run in runs:
         state = run_state(sweep_dir, run.name)
         launch.status[run.name] = initial_status(state, retry_failed)
         if state == "failed" and launch.status[run.name] == "queued":
             _archive_failure(sweep_dir / run.name)
+        if state == "done" and needs_eval(sweep_dir / run.name, spec.eval, retry_failed):
+            launch.status[run.name] = "queued"  # its worker only evaluates
+            to_evaluate += 1
     stale = stale_runs(sweep_dir, launch.status)
     if stale:
         say(f"note: {len(stale)} finished run(s) in {sweep_dir} are not in this spec (e.g. {stale[0]}); "
             + ("the fit includes them (--include-stale)" if include_stale else "the fit leaves them out (--include-stale to include them)"))
-    say(_launch_line(spec, sweep_dir, launch.status))
+    say(_launch_line(spec, sweep_dir, launch.status) + (f" ({to_evaluate} of them to evaluate only)" if to_evaluate else ""))
 
     bar = Progress(str(spec.name), runs, progress)
     launch.write_index(force=True)
@@ -427,8 +446,12 @@ def run_sweep(
     rows = [index_row(sweep_dir, r, spec.convention) for r in runs]
     write_index(sweep_dir, str(spec.name), spec.convention, rows)
     failed = [(r["name"], str(r["error"])) for r in rows if r["status"] == "failed"]
+    eval_failed = []
+    if spec.eval is not None:
+        eval_failed = [(r["name"], err) for r in rows
+                       if r["status"] == "done" and (err := eval_failure(sweep_dir / r["name"])) is not None]  # fmt: skip
     fit_status = run_fit(spec, sweep_dir, rows, include_stale=include_stale, log=say) if fit else "not requested"
-    report = SweepReport(sweep_dir, rows, launch.trained, failed, fit_status)
+    report = SweepReport(sweep_dir, rows, launch.trained, failed, fit_status, eval_failed)
     say(format_summary(spec, report))
     return report
 
@@ -471,7 +494,10 @@ def format_summary(spec: SweepSpec, report: SweepReport) -> str:
     ]
     for name, error in report.failed:
         lines.append(f"  FAILED {name}: {error}")
+    for name, error in report.eval_failed:
+        lines.append(f"  EVAL FAILED {name}: {error} (evals/failed.json; --retry-failed to retry)")
     if report.fit_status != "not requested":
-        lines.append(f"fit: {report.fit_status}" + (f" -> {report.sweep_dir}/report.md" if report.fit_status == "done" else ""))
+        out = "emergence/emergence.md" if spec.fit is not None and spec.fit.kind == "emergence" else "report.md"
+        lines.append(f"fit: {report.fit_status}" + (f" -> {report.sweep_dir}/{out}" if report.fit_status == "done" else ""))
     return "\n".join(lines)
 

@@ -11,6 +11,10 @@ mapping) and axes whose cartesian product gives the runs:
 
 ``fit`` asks for ``chinchax fit`` on the sweep directory once the runs are done.
 Unknown keys anywhere are errors with a did-you-mean (``llm.typed_yaml.from_dict``).
+``eval`` evaluates every finished run on generated tasks (``sweeps.evals``); ``fit.kind`` picks
+the analysis run at the end: ``scaling`` (default, ``analysis.fit_path``) or ``emergence``
+(``analysis.emergence_report.emergence_path``: figures and table into ``<sweep dir>/emergence/``;
+it needs an ``eval`` section). ``fit.options`` are that function's keyword arguments.
 Expansion into runs lives in ``sweeps.plan``. Example::
 
     name: my_sweep                 # default: the file name; sweep dir sweeps_out/<name>
@@ -26,6 +30,13 @@ Expansion into runs lives in ``sweeps.plan``. Example::
     dataset_tokens: [1e7]          # unique-token pool per run (repeated data)
     max_epochs: 4                  # most passes over the unique training data (more is a plan error)
     fit: {options: {flops: 6N+attention}}   # keyword arguments of analysis.fit_path
+    eval:                          # evaluate every finished run on generated tasks (sweeps.evals)
+      tasks: [facts, add3_reversed]
+      shots: 4
+      items: 500                   # test items per task
+      seed: 0                      # draws the items and the demonstrations
+      steps: [500, 1000]           # optional: checkpoints evaluated too (training must keep them)
+    # fit: {kind: emergence}       # instead of the scaling-law fit: analysis.emergence_path
 """
 
 from __future__ import annotations
@@ -56,12 +67,28 @@ class IsoFlopSpec:
     tolerance: float = 0.01  # each run's C within this fraction of its budget
 
 
+FIT_KINDS = ("scaling", "emergence")
+
+
 @dataclasses.dataclass(frozen=True)
 class FitSpec:
-    """Run ``analysis.fit_path`` on the sweep directory when the runs are done."""
+    """Run ``analysis.fit_path`` (kind scaling) or ``emergence_path`` (kind emergence) on the sweep directory."""
 
     enabled: bool = True
-    options: Any = None  # extra keyword arguments for analysis.fit_path
+    kind: str = "scaling"  # scaling | emergence
+    options: Any = None  # extra keyword arguments for that function
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Evaluate every finished run few-shot on generated tasks (``llm.evaluation.evaluate_tasks``)."""
+
+    tasks: tuple[str, ...] = ()  # llm.tasks names; a task mixed into training uses its data.tasks params
+    shots: int = 0  # demonstrations before each query
+    items: int = 500  # test items per task (fewer when the task's test split is smaller)
+    seed: int = 0  # draws the items and the demonstrations
+    steps: tuple[int, ...] = ()  # checkpoints evaluated besides the final step (ability against step)
+    batch_size: int = 64  # sequences per evaluation batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +112,7 @@ class SweepSpec:
     isoflop: IsoFlopSpec | None = None
     dataset_tokens: tuple[int, ...] | None = None
     fit: FitSpec | None = None
+    eval: EvalSpec | None = None
     estimate: EstimateSpec = EstimateSpec()
     max_epochs: float = 4.0  # most passes over the unique training data a run may plan (sweeps.plan.check_epochs)
 
@@ -244,15 +272,74 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
             raise ConfigError(f"dataset_tokens must be > 0, got {list(spec.dataset_tokens)}")
         if "data.dataset_tokens" in grid:
             raise ConfigError("set dataset sizes either in dataset_tokens or in grid.data.dataset_tokens, not both")
+    if spec.eval is not None:
+        _check_eval(spec.eval)
+    if spec.fit is not None:
+        if spec.fit.kind not in FIT_KINDS:
+            raise ConfigError(f"fit.kind={spec.fit.kind!r} is not allowed{did_you_mean(str(spec.fit.kind), FIT_KINDS)}; "
+                              f"choose one of {', '.join(FIT_KINDS)}")  # fmt: skip
+        if spec.fit.kind == "emergence" and spec.fit.enabled and spec.eval is None:
+            raise ConfigError("fit.kind=emergence scores the runs' evaluations: add an eval section "
+                              "(e.g. eval: {tasks: [add3_reversed], shots: 4})")  # fmt: skip
     if spec.fit is not None and spec.fit.options is not None:
         if not isinstance(spec.fit.options, Mapping):
             raise ConfigError(f"fit.options: expected a mapping of keyword arguments, got {spec.fit.options!r}")
-        spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, options=_check_fit_options(spec.fit.options)))
+        check = _check_emergence_options if spec.fit.kind == "emergence" else _check_fit_options
+        spec = dataclasses.replace(spec, fit=dataclasses.replace(spec.fit, options=check(spec.fit.options)))
     if not spec.max_epochs > 0:  # NaN fails too
         raise ConfigError(f"max_epochs must be > 0, got {spec.max_epochs}")
     if spec.estimate.flops_per_s <= 0 or spec.estimate.overhead_s < 0:
         raise ConfigError("estimate: need flops_per_s > 0 and overhead_s >= 0")
     return spec
+
+
+def _check_eval(ev: EvalSpec) -> None:
+    """Task names, counts and steps of the eval section, checked before any training."""
+    from llm.tasks import TASKS
+
+    if not ev.tasks:
+        raise ConfigError("eval.tasks is empty: name at least one task (e.g. eval.tasks=[add3_reversed])")
+    for name in ev.tasks:
+        if name not in TASKS:
+            raise ConfigError(f"eval.tasks: unknown task {name!r}{did_you_mean(str(name), list(TASKS))}; "
+                              f"choose from {', '.join(TASKS)}")  # fmt: skip
+    if len(set(ev.tasks)) != len(ev.tasks):
+        raise ConfigError(f"eval.tasks lists a task twice: {list(ev.tasks)}")
+    for key, low in (("shots", 0), ("items", 1), ("seed", 0), ("batch_size", 1)):
+        value = getattr(ev, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"eval.{key} must be an integer >= {low}, got {value!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in ev.steps):
+        raise ConfigError(f"eval.steps: expected training steps (integers >= 1), got {list(ev.steps)}")
+
+
+def _check_emergence_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """fit.options of kind emergence: keyword arguments of analysis.emergence_report.emergence_path."""
+    import inspect
+
+    from analysis.emergence_report import emergence_path
+
+    allowed = [n for n in inspect.signature(emergence_path).parameters if n != "path"]
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown config key 'fit.options.{key}'{did_you_mean(str(key), allowed)}; fit options of kind "
+                f"emergence are keyword arguments of analysis.emergence_report.emergence_path: {', '.join(allowed)}"
+            )
+    out = dict(options)
+    for key in ("n_bootstrap", "seed"):
+        if key in out:
+            out[key] = _fit_count(out[key], f"fit.options.{key}")
+    for key in ("include_stale", "figures_"):
+        if key in out:
+            out[key] = _fit_bool(out[key], f"fit.options.{key}")
+    if "out_dir" in out:
+        out["out_dir"] = _fit_out_dir(out["out_dir"], "fit.options.out_dir")
+    if "flops" in out:
+        out["flops"] = _fit_choice(("auto", "6N", *FLOP_CONVENTIONS))(out["flops"], "fit.options.flops")
+    if "n_params" in out:
+        out["n_params"] = _fit_choice(lambda: _run_columns(prefix="n_params"))(out["n_params"], "fit.options.n_params")
+    return out
 
 
 def _check_fit_options(options: Mapping[str, Any]) -> dict[str, Any]:

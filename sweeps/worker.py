@@ -1,11 +1,13 @@
-"""Run one sweep run in its own process: take the run's lock, train, record failures.
+"""Run one sweep run in its own process: take the run's lock, train, evaluate, record failures.
 
-``python -m sweeps.worker --config C.yaml --run-dir DIR --lock L [--train-fn M:F]``
+``python -m sweeps.worker --config C.yaml --run-dir DIR --lock L [--train-fn M:F] [--eval JSON]``
 
 Exit codes: 0 the run is done, 1 it failed (result.json says why), 3 another
 launch had already finished it, 75 another process holds the run's lock (for 3 and
-75 nothing was touched). The train function defaults to
-``llm.training:train``; ``--train-fn`` takes ``module:function`` or
+75 nothing was trained). With ``--eval`` (the spec's eval section as JSON) a run done
+here, or found done, is then evaluated on what it lacks (``sweeps.evals``); a failed
+evaluation is recorded in its evals/failed.json and does not change the exit code.
+The train function defaults to ``llm.training:train``; ``--train-fn`` takes ``module:function`` or
 ``path/to/file.py:function`` with the same signature (the tests use a fake one).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -40,8 +43,9 @@ def load_train_fn(target: str) -> Callable[..., Any]:
     return getattr(module, attr)
 
 
-def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, train_target: str) -> int:
-    """Train one run under its lock; returns the process exit code."""
+def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, train_target: str,
+            eval_spec: dict | None = None) -> int:  # fmt: skip
+    """Train one run under its lock, then evaluate it if ``eval_spec``; returns the process exit code."""
     from llm.config import load_config
 
     try:
@@ -52,7 +56,9 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
     try:
         previous = read_result(run_dir)
         if previous is not None and previous.get("status") == "done":
-            return EXIT_ALREADY_DONE  # finished by another launch between our check and our lock
+            # Finished before (by an earlier launch, or by another one since our check): evaluate only.
+            _evaluate(run_dir, eval_spec)
+            return EXIT_ALREADY_DONE
         try:
             cfg = load_config(config_path)
             result = load_train_fn(train_target)(cfg, run_dir, run_name=run_name)
@@ -66,9 +72,24 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
         status = getattr(result, "status", None)
         if status != "done" and (read_result(run_dir) or {}).get("status") != "failed":
             write_failure(run_dir, run_name, getattr(result, "error", None) or f"train returned status {status!r}")
+        if status == "done":
+            _evaluate(run_dir, eval_spec)
         return 0 if status == "done" else 1
     finally:
         lock.release()
+
+
+def _evaluate(run_dir: Path, eval_spec: dict | None) -> None:
+    """The missing evaluations of a finished run (sweeps.evals); failures are written to evals/failed.json."""
+    if not eval_spec:
+        return
+    from sweeps.evals import eval_spec_from_json, evaluate_run, missing_evals
+
+    ev = eval_spec_from_json(eval_spec)
+    if missing_evals(run_dir, ev):
+        error = evaluate_run(run_dir, ev, log=lambda msg: print(f"eval: {msg}", flush=True))
+        if error is not None:
+            print(f"sweeps.worker: evaluation failed: {error}", file=sys.stderr, flush=True)
 
 
 
@@ -79,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", required=True)
     p.add_argument("--lock", type=Path, required=True)
     p.add_argument("--train-fn", default="llm.training:train")
+    p.add_argument("--eval", default=None, help="the spec's eval section as JSON: evaluate the finished run")
     args = p.parse_args(argv)
     # The sweep stops runs with SIGTERM: unwind like Ctrl-C so the lock and checkpoints close cleanly.
     interrupt_on_sigterm()
-    return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn)
+    eval_spec = json.loads(args.eval) if args.eval else None
+    return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn, eval_spec)
 
 
 if __name__ == "__main__":
