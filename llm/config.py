@@ -105,6 +105,7 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # floor of cosine / end of wsd decay, as a fraction of lr
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    decay_shape: str = "linear"  # wsd cooldown: linear | 1-sqrt (Hägele et al. 2024) | cosine
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -146,6 +147,7 @@ class Config:
 
 _MLPS = ("swiglu", "gelu")
 _SCHEDULES = ("cosine", "wsd", "constant")
+_DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 _TOKENIZERS = ("bytes", "bpe")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -242,6 +244,7 @@ def validate(cfg: Config) -> Config:
     if d.tasks is not None:
         _check_tasks(d.tasks, synthetic)
     _one_of("optim.schedule", o.schedule, _SCHEDULES)
+    _one_of("optim.decay_shape", o.decay_shape, _DECAY_SHAPES)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if (t.steps is None) == (t.tokens is None):

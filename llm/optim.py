@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm import schedule
 from llm.config import OptimConfig
 
 
@@ -19,8 +20,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     """Learning rate (per step) for a run of ``total_steps`` optimiser steps.
 
     - ``cosine``: linear warmup to ``lr``, then cosine to ``min_lr_ratio * lr`` at the last step.
-    - ``wsd``: warmup, stable at ``lr``, then linear decay to ``min_lr_ratio * lr`` over the
-      last ``decay_fraction`` of steps (Hu et al. 2024, MiniCPM).
+    - ``wsd``: warmup, stable at ``lr``, then a cooldown to ``min_lr_ratio * lr`` over the last
+      ``decay_fraction`` of the post-warmup steps (Hu et al. 2024, MiniCPM), shaped by
+      ``decay_shape``: ``linear``, ``1-sqrt`` (Hägele et al. 2024: lr scaled by 1 - sqrt(progress))
+      or ``cosine`` (a half cosine).
     - ``constant``: warmup, then ``lr``.
 
     Warmup update ``s`` runs at ``lr * (s + 1) / warmup``: the first update is never
@@ -28,7 +31,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     ``warmup_steps`` still decays to its floor instead of ending mid-ramp. This holds
     down to one step: a 2-step cosine run updates at (lr, floor), a 1-step run at the floor.
     """
-    warmup = min(cfg.warmup_steps, total_steps // 2)
+    warmup = schedule.warmup_steps(cfg, total_steps)
     floor = cfg.lr * cfg.min_lr_ratio
 
     def ramp(step):
@@ -40,9 +43,9 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     elif cfg.schedule == "cosine":
         tail = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "wsd":
-        decay = max(int(round(cfg.decay_fraction * rest)), 1)
+        decay = schedule.decay_steps(cfg, total_steps)
         tail = optax.join_schedules(
-            [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, floor, decay)],
+            [optax.constant_schedule(cfg.lr), _cooldown(cfg.decay_shape, cfg.lr, floor, decay)],
             [rest - decay],
         )
     else:
@@ -50,6 +53,22 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     if not warmup:
         return tail
     return optax.join_schedules([ramp, tail], [warmup])
+
+
+def _cooldown(shape: str, peak: float, floor: float, steps: int) -> optax.Schedule:
+    """The wsd cooldown: ``peak`` at its first update, ``floor`` after ``steps`` updates (and on)."""
+    if shape == "linear":
+        return optax.linear_schedule(peak, floor, steps)
+
+    def cooldown(count):
+        progress = jnp.clip(count / steps, 0.0, 1.0)
+        if shape == "1-sqrt":
+            fraction = 1.0 - jnp.sqrt(progress)
+        else:  # cosine
+            fraction = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return floor + (peak - floor) * fraction
+
+    return cooldown
 
 
 def _decay_mask(params):

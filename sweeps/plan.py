@@ -149,7 +149,7 @@ IDENTITY_BASELINE: dict[str, Any] = {
     "data.tasks": None, "data.tasks.names": (), "data.tasks.params": None, "data.tasks.fraction": 0.1,
     "data.tasks.seed": 0, "data.tasks.pool_tokens": 1_000_000,
     "optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 50, "optim.min_lr_ratio": 0.1,
-    "optim.decay_fraction": 0.2, "optim.weight_decay": 0.1, "optim.b1": 0.9, "optim.b2": 0.95,
+    "optim.decay_fraction": 0.2, "optim.decay_shape": "linear", "optim.weight_decay": 0.1, "optim.b1": 0.9, "optim.b2": 0.95,
     "optim.eps": 1e-8, "optim.grad_clip": 1.0, "optim.z_loss_coef": 0.0,
     "train.batch_size": 16, "train.grad_accum": 1, "train.steps": None, "train.tokens": 2_000_000,
     "train.seed": 0, "train.eval_every": 100, "train.eval_tokens": 32768, "train.log_every": 10,
