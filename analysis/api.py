@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis import figures
+from analysis import beyond, figures
 from analysis.bootstrap import DEFAULT_PERCENTILES
 from analysis.load import AnalysisError, load_runs, read_json
 from analysis.pipeline import DEFAULT_LAWS, fit_points
@@ -62,7 +62,7 @@ def fit_path(
     fits["include_stale"] = bool(include_stale)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures.draw_all(pts, fits, out_dir) if figures_ else []
-    fits["outputs"] = write_outputs(out_dir, fits, figs) | {"figures": figs}
+    fits["outputs"] = write_outputs(out_dir, fits, figs) | {"figures": figs} | beyond.write_files(fits, out_dir)
     return fits
 
 

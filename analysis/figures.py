@@ -284,4 +284,6 @@ def draw_all(pts: Points, fits: dict, out_dir) -> list[str]:
     paths = []
     for fn in (plot_curves, plot_isoflop, plot_optimal, plot_isoloss, plot_kaplan, plot_residuals):
         paths += fn(pts, fits, out_dir)
-    return paths
+    from analysis.beyond import draw_all as draw_beyond  # its modules import this one
+
+    return paths + draw_beyond(fits, out_dir)

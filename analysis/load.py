@@ -2,7 +2,8 @@
 
 runs:   one row per run: run, status, error, n_params_total, n_params_nonembed, n_params_active,
         n_params_active_nonembed, tokens (D), dataset_tokens, steps, flops_6N, flops_6N+attention (C),
-        final_eval_loss, best_eval_loss, final_train_loss, entropy_rate, data (whatever is known).
+        final_eval_loss, best_eval_loss, final_train_loss, entropy_rate, data, lr (peak learning rate),
+        batch_tokens (tokens per optimiser step) (whatever is known).
         ``data`` is "source tokenizer vocab" from the run's config.yaml: losses are per token,
         so runs on different data or tokenizers are not comparable and fitting them together
         warns.
@@ -31,7 +32,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 RUN_COLUMNS = (
     "run", "status", "error", "n_params_total", "n_params_nonembed", "n_params_active",
     "n_params_active_nonembed", "tokens", "dataset_tokens", "steps", "flops_6N", "flops_6N+attention",
-    "final_eval_loss", "best_eval_loss", "final_train_loss", "entropy_rate", "data",
+    "final_eval_loss", "best_eval_loss", "final_train_loss", "entropy_rate", "data", "lr", "batch_tokens",
 )  # fmt: skip
 CURVE_COLUMNS = ("run", "step", "tokens", "flops_6N", "flops_6N+attention", "loss", "train_loss")
 
@@ -137,6 +138,19 @@ def _data_key(config_path: Path) -> str | None:
     return f"{data['source']} {data.get('tokenizer', '?')} vocab={model.get('vocab_size', '?')}"
 
 
+def _optimiser_columns(config_path: Path) -> dict:
+    """lr (optim.lr) and batch_tokens (train.batch_size x model.seq_len) of a run's config.yaml; NaN when unknown."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_path.read_text()) or {}
+        lr = float((cfg.get("optim") or {}).get("lr"))
+        batch = float((cfg.get("train") or {}).get("batch_size")) * float((cfg.get("model") or {}).get("seq_len"))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return {"lr": math.nan, "batch_tokens": math.nan}
+    return {"lr": lr, "batch_tokens": batch}
+
+
 def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
     run = path.name
     curve = _read_metrics(path / "metrics.jsonl", run)
@@ -155,6 +169,7 @@ def _read_run_dir(path: Path) -> tuple[dict, list[dict]]:
         row = {"run": run, "status": "unfinished", "error": "no result.json", "run_dir": str(path)}
         row.update({k: last.get(k) for k in ("tokens", "flops_6N", "flops_6N+attention")})
     row["data"] = _data_key(path / "config.yaml")
+    row.update(_optimiser_columns(path / "config.yaml"))
     return row, curve
 
 

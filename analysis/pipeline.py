@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from analysis import approaches as ap
-from analysis import parametric
+from analysis import beyond, parametric
 from analysis.bootstrap import DEFAULT_PERCENTILES, intervals, resample_counts
 from analysis.laws import LAWS, fit_law, law_from_name
 from analysis.load import AnalysisError, AnalysisWarning
@@ -326,8 +326,12 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
     bad = [a for a in approaches if a not in ("1", "2", "3")]
     if bad:
         raise AnalysisError(f"unknown approach(es) {bad}; choose from 1, 2, 3")
+    beyond_laws = tuple(n for n in laws if n in beyond.NAMES)  # fitted by their own modules
+    laws = tuple(n for n in laws if n not in beyond.NAMES)
     for name in laws:
         law_from_name(name)  # unknown names fail before any fitting
+    for name in beyond_laws:
+        beyond.check_columns(name, pts.points)  # so do missing columns
     if interpolate not in ("auto", "always", "never"):
         raise AnalysisError(f"interpolate={interpolate!r}; expected auto, always or never")
     for name, value in (("n_bootstrap (--bootstrap)", n_bootstrap), ("seed (--seed)", seed)):
@@ -367,11 +371,13 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
             bar.set_postfix_str("laws")
             out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress)
             bar.update()
+        if beyond_laws:
+            out["beyond"] = beyond.fit_all(pts.points, beyond_laws, counts_BR, percentiles)
         if extrapolation:
             bar.set_postfix_str("extrapolation")
             out["extrapolation"] = extrapolation_check(pts, holdout_flops)
             bar.update()
     out["warnings"] = messages
-    if not out["approaches"] and not out["laws"]:
+    if not out["approaches"] and not out["laws"] and not out.get("beyond"):
         raise AnalysisError("nothing could be fitted to these runs: " + "; ".join(messages))
     return out

@@ -9,12 +9,16 @@ import pandas as pd
 
 from analysis.load import AnalysisError, check_positive, finished, select_flops
 
+# Carried into Points.points when present: the laws of analysis.beyond need them.
+OPTIONAL_COLUMNS = ("dataset_tokens", "lr", "batch_tokens")
+
 
 @dataclasses.dataclass(frozen=True)
 class Points:
     """Final points (one per finished run) and curve points, in one FLOP convention.
 
-    points: run, n_params, n_params_kaplan, tokens, flops, loss, steps
+    points: run, n_params, n_params_kaplan, tokens, flops, loss, steps, and where the data has them
+            dataset_tokens, lr, batch_tokens (NaN where a run lacks them; analysis.beyond laws need them)
     curves: run, step, tokens, flops, loss, n_params   (loss = eval loss, NaN rows dropped)
     """
 
@@ -77,6 +81,9 @@ def prepare(runs, curves, *, flops="auto", n_params="n_params_total", loss="fina
             "steps": pd.to_numeric(runs["steps"], errors="coerce").to_numpy(float) if "steps" in runs else np.nan,
         }
     )
+    for col in OPTIONAL_COLUMNS:
+        if col in runs:
+            points[col] = pd.to_numeric(runs[col], errors="coerce").to_numpy(float)
     cols = ["run", "step", "tokens", "flops", "loss", "n_params"]
     for col in cols:
         if col not in curves:

@@ -47,3 +47,9 @@ def chinchilla_table3_d_opt(flops):
 def kaplan_n_opt(flops):
     """Kaplan et al. 2020: N_opt = 1.3e9 (C / PF-day)^0.73; D_opt = C / (6 N_opt)."""
     return KAPLAN_N_OPT["k"] * (np.asarray(flops, float) / PF_DAY) ** KAPLAN_N_OPT["exponent"]
+
+# Muennighoff et al. 2023, "Scaling Data-Constrained Language Models", Section 3.1 / Appendix A:
+# the data-constrained law fitted to their runs (R*_D, R*_N: the repetitions of data and of
+# excess parameters at which their worth has decayed by 1 - 1/e).
+MUENNIGHOFF2023 = {"E": 1.8691, "A": 520.8, "B": 1487.7, "alpha": 0.35266, "beta": 0.35266,
+                   "R_D_star": 15.39, "R_N_star": 5.31}  # fmt: skip

@@ -120,6 +120,9 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
         if floorless:
             out += [f"- E went to its bound 0 in {', '.join(floorless)}: these runs show no irreducible loss "
                     "floor, so E is not identified here", ""]
+    from analysis.beyond import report_lines  # imports this module's helpers
+
+    out += report_lines(fits)
     out += ["## Compute-optimal allocation (cf. Hoffmann et al. 2022, Table 3)", "", table_md]
     ex = fits.get("extrapolation")
     if ex:

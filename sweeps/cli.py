@@ -172,12 +172,14 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, help="sweep directory, run directory, or CSV/Parquet table")
     p.add_argument("--out-dir", type=Path, default=None, help="where to write (default: the sweep dir, or <table>_fits/)")
-    p.add_argument("--approach", action="append", choices=["1", "2", "3", "all"], default=None,
-                   help="Chinchilla approach(es) to fit; repeat for several (default: all)")  # fmt: skip
+    p.add_argument("--approach", action="append", choices=["1", "2", "3", "all", "none"], default=None,
+                   help="Chinchilla approach(es) to fit; repeat for several; 'none' for none (default: all)")  # fmt: skip
     p.add_argument("--law", action="append", default=None,
                    help="law(s) to fit: kaplan_N, kaplan_D, kaplan_C, kaplan_ND, kaplan_NS, saturating_C, chinchilla; "
                         "append +E for an irreducible term (e.g. kaplan_N+E); 'none' for no laws "
-                        "(default: all kaplan_* and saturating_C)")  # fmt: skip
+                        "(default: all kaplan_* and saturating_C). On request only: data_constrained (repeated data, "
+                        "needs dataset_tokens), overtraining (L(C, M), M = D / N), lr_scaling (eta_opt(C), B_opt(C), "
+                        "needs lr and batch_tokens; writes lr_rule.yaml)")  # fmt: skip
     p.add_argument("--budgets", type=_flops, nargs="+", default=None,
                    help="compute budgets (FLOPs) for the compute-optimal table (default: decades up to 1000x the largest run)")  # fmt: skip
     p.add_argument("--isoflop-budgets", type=_flops, nargs="+", default=None,
@@ -209,7 +211,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     import analysis
 
     approaches = args.approach or ["all"]
-    approaches = ("1", "2", "3") if "all" in approaches else tuple(dict.fromkeys(approaches))
+    approaches = ("1", "2", "3") if "all" in approaches else tuple(a for a in dict.fromkeys(approaches) if a != "none")
     laws = args.law
     if laws is None:
         laws = analysis.DEFAULT_LAWS
@@ -234,6 +236,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     for a, res in fits["approaches"].items():
         exp = res["a"] if a != "3" else res["derived"]["a"]
         print(f"  approach {a}: N_opt ~ C^{exp:.3f}")
+    for name, res in fits.get("beyond", {}).items():
+        print(f"  {name}: " + ", ".join(f"{k} = {v:.4g}" for k, v in res["params"].items()))
     return 0
 
 
@@ -261,6 +265,80 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     except analysis.AnalysisError as err:
         return _fail(str(err))
     print(f"wrote {len(paths)} figure files to {Path(paths[0]).parent if paths else args.out_dir}")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (tokens, loss)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 2.1 or 1e12, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _add_allocate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "allocate",
+        help="choose N and D from a law: compute budgets, a target loss with inference, a unique-data limit",
+        description=(
+            "Print N (parameters) and D (training tokens) from a law, one row per request:\n"
+            "  --budgets C ...          compute-optimal N, D at training compute C = 6 N D;\n"
+            "  --loss L [--inference-tokens T]\n"
+            "                           the N, D reaching loss L with the least 6 N D + 2 N T (Sardana et al. 2023);\n"
+            "  --unique-tokens U        with the data-constrained law (Muennighoff et al. 2023): at most U unique\n"
+            "                           tokens, repeated as needed.\n"
+            "Columns: tokens per parameter, and the compute saved against the compute-optimal choice (for --loss:\n"
+            "the compute-optimal model of that loss, served for the same T; for --unique-tokens: Chinchilla's\n"
+            "allocation, blind to the limit, reaching the same loss). C is 6 N D with N the law's N.\n"
+            "LAW is a fits.json (or a folder holding one) written by `chinchax fit`, or a published law:\n"
+            "hoffmann2022, besiroglu2024, muennighoff2023.\n\n"
+            "Examples:\n"
+            "  chinchax allocate hoffmann2022 --budgets 1e21 1e23\n"
+            "  chinchax allocate besiroglu2024 --loss 2.0 --inference-tokens 1e13\n"
+            "  chinchax allocate muennighoff2023 --budgets 1e22 --unique-tokens 1e11 --json\n"
+            "  chinchax allocate sweeps_out/quickstart/fits.json --budgets 1e12"
+        ),
+        formatter_class=_Formatter,
+    )
+    p.add_argument("law", metavar="LAW", help="fits.json (or its folder), or hoffmann2022, besiroglu2024, muennighoff2023")
+    p.add_argument("--budgets", type=_flops, nargs="+", default=None, help="training compute budgets C in FLOPs")
+    p.add_argument("--loss", type=_positive_float, nargs="+", default=None, help="target loss(es) in nats per token")
+    p.add_argument("--inference-tokens", type=_count_float, default=None,
+                   help="tokens the model will generate or read in deployment (with --loss)")  # fmt: skip
+    p.add_argument("--unique-tokens", type=_positive_float, default=None,
+                   help="unique training tokens available (data-constrained law)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    p.set_defaults(func=_cmd_allocate)
+
+
+def _count_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a token count; 1e13 allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 1e13, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite token count >= 0, got {text}")
+    return value
+
+
+def _cmd_allocate(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis import AnalysisError
+    from analysis.allocate import allocate, format_table
+
+    if not args.budgets and not args.loss:
+        return _fail("give compute budgets (--budgets C ...) or a target loss (--loss L), or both")
+    try:
+        rows, described = allocate(args.law, budgets=args.budgets or (), losses=args.loss or (),
+                                   inference_tokens=args.inference_tokens, unique_tokens=args.unique_tokens)  # fmt: skip
+    except AnalysisError as err:
+        return _fail(str(err))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows, described))
     return 0
 
 
@@ -512,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_parser(sub)
     _add_fit_parser(sub)
     _add_plot_parser(sub)
+    _add_allocate_parser(sub)
     _add_eval_parser(sub)
     _add_emergence_parser(sub)
     return parser
