@@ -152,7 +152,7 @@ def write_files(res: dict, out_dir, flops_convention: str = "") -> dict:
 def report_lines(res: dict) -> list[str]:
     """report.md section: the two power laws with intervals, the best run per budget, the recipe form."""
     p, r = res["params"], res["recipe"]
-    lines = [f"## Learning rate and batch size against compute (DeepSeek LLM 2024)", "", f"({res['citation']})", "",
+    lines = ["## Learning rate and batch size against compute (DeepSeek LLM 2024)", "", f"({res['citation']})", "",
              f"Fitted on the {sum(res['near_optimal'])} of {len(res['near_optimal'])} runs within "
              f"{100 * res['fraction']:g}% of their budget's best loss:", "",
              f"- eta_opt(C) = {fmt(p['k_eta'], 4)} C^{p['e_eta']:.4f}{iv(res, 'e_eta', 3)}",
