@@ -35,7 +35,8 @@ def fit_path(
     ``default_out_dir(path)``). Returns the fits dict (as in fits.json, NaN kept as float).
 
     approaches: subset of "1", "2", "3". laws: names from analysis.laws.LAWS, "+E" adds an
-    irreducible term (e.g. "kaplan_N+E"). budgets: compute budgets (FLOPs) for the table,
+    irreducible term (e.g. "kaplan_N+E"), or analysis.beyond.NAMES (data_constrained, overtraining,
+    lr_scaling: results under fits["beyond"]; lr_scaling also writes lr_rule.yaml). budgets: compute budgets (FLOPs) for the table,
     default decades from the smallest run to 1,000x the largest. isoflop_budgets: Approach-2
     budgets, default: runs grouped by final FLOPs. interpolate: Approach-2 use of training curves
     interpolated onto a budget: "auto" (only where < 3 runs end at it), "always", "never".
