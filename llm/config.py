@@ -340,3 +340,20 @@ def without_execution_keys(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(leaf, None)
     return data
+
+
+# What may differ between the members of a population (llm.population): keys that change
+# neither the shapes nor the length of a run, so P runs share one compiled step. The seeds
+# act on the host (parameter init, batch sampling); the optimiser keys are handed to the
+# step as per-member arrays.
+POPULATION_KEYS = ("train.seed", "data.seed", "optim.lr", "optim.weight_decay")
+
+
+def population_signature(cfg: Config) -> str:
+    """What runs must share to train as one population: the config without POPULATION_KEYS
+    and EXECUTION_KEYS, as canonical YAML (equal text: same population)."""
+    data = without_execution_keys(to_dict(cfg))
+    for dotted in POPULATION_KEYS:
+        section, leaf = dotted.split(".")
+        data[section].pop(leaf, None)
+    return yaml.safe_dump(data, sort_keys=True)

@@ -54,6 +54,20 @@ def training_bytes(cfg: Config) -> dict[str, int]:
     return parts
 
 
+def population_bytes(cfg: Config, size: int, mode: str) -> int:
+    """Estimated peak memory in bytes of ``size`` members of ``cfg`` trained as one population.
+
+    ``vmap`` (llm.population on an accelerator): every member's step runs at once, so all of
+    ``training_bytes`` scales with ``size``. ``loop`` (CPU): members step one at a time, so only
+    their parameters and AdamW moments are held ``size`` times; gradients, activations and logits once.
+    """
+    one = training_bytes(cfg)
+    if mode == "vmap":
+        return size * one["total"]
+    kept = one["params"] + one["adam"]
+    return size * kept + (one["total"] - kept)
+
+
 def available_bytes() -> tuple[int | None, str]:
     """(bytes, what) the run may use: the accelerators' memory summed, else the host's physical RAM.
 

@@ -83,6 +83,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, z_loss_coef: float):
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: Config):
     """Jitted (state, tokens_BT1) -> (state, metrics), with gradient accumulation over micro-batches."""
+    return jax.jit(train_step_fn(graphdef, optimizer, cfg), donate_argnums=0)
+
+
+def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: Config):
+    """The pure (state, tokens_BT1) -> (state, metrics) step, not jitted (llm.population vmaps it)."""
     loss_fn = make_loss_fn(graphdef, cfg.optim.z_loss_coef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = cfg.train.grad_accum
@@ -110,7 +115,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         }
         return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step_fn, donate_argnums=0)
+    return step_fn
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
@@ -234,8 +239,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     dataset = load_dataset(cfg.data, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=t.progress)
     steps = total_steps(cfg)
     tokens_per_step = t.batch_size * m.seq_len
-    counts = counting.n_params(m)
-    flops_per_token = {c: float(counting.flops_per_token(m, c)) for c in FLOP_CONVENTIONS}
+    flops_per_token = flops_per_token_by_convention(cfg)
 
     model = Transformer(m, rngs=nnx.Rngs(t.seed))
     graphdef, params = nnx.split(model)
@@ -257,19 +261,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
     micro_batch = t.batch_size // t.grad_accum  # eval fits wherever a training micro-batch does
 
-    summary = {
-        "run_name": run_name,
-        "steps": steps,
-        "dataset_tokens": int(dataset.n_train_tokens) if cfg.data.dataset_tokens is not None else None,
-        **counts,
-        "flops_per_token": flops_per_token,
-        "entropy_rate": dataset.entropy_rate,
-        "eval_tokens": dataset.n_eval_tokens,  # what each evaluation really scores
-        "eval_tokens_requested": t.eval_tokens,
-        "moe_grouped_matmul": model.moe_kernel(),  # "auto" resolved on this platform; null: dense or capacity routing
-        "hardware": hardware,
-        "versions": versions,
-    }
+    summary = run_summary(cfg, dataset, run_name, model.moe_kernel(), hardware, versions)
     from tqdm import tqdm
 
     with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
@@ -329,26 +321,57 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
             bar.close()
             log.close()
 
-    tokens = step * tokens_per_step
-    result = {
+    result = run_result(summary, cfg, dataset, error=error, step=step, losses=losses,
+                        wall_time_s=earlier_wall + time.perf_counter() - started,  # all attempts of this run
+                        tokens_per_s=meter.steady())  # fmt: skip
+    write_json_atomic(run_dir / RESULT, result)
+    return RunResult(result["status"], error, run_dir, result)
+
+
+def flops_per_token_by_convention(cfg: Config) -> dict[str, float]:
+    """Training FLOPs per token of ``cfg``'s model under each of rundir.FLOP_CONVENTIONS."""
+    return {c: float(counting.flops_per_token(cfg.model, c)) for c in FLOP_CONVENTIONS}
+
+
+def run_summary(cfg: Config, dataset, run_name: str, moe_kernel: str | None, hardware: dict, versions: dict) -> dict[str, Any]:
+    """The part of result.json known before training: name, length, N, FLOPs per token, data, platform."""
+    return {
+        "run_name": run_name,
+        "steps": total_steps(cfg),
+        "dataset_tokens": int(dataset.n_train_tokens) if cfg.data.dataset_tokens is not None else None,
+        **counting.n_params(cfg.model),
+        "flops_per_token": flops_per_token_by_convention(cfg),
+        "entropy_rate": dataset.entropy_rate,
+        "eval_tokens": dataset.n_eval_tokens,  # what each evaluation really scores
+        "eval_tokens_requested": cfg.train.eval_tokens,
+        "moe_grouped_matmul": moe_kernel,  # "auto" resolved on this platform; null: dense or capacity routing
+        "hardware": hardware,
+        "versions": versions,
+    }
+
+
+def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | None, step: int, losses: "_Losses",
+               wall_time_s: float, tokens_per_s: float | None) -> dict[str, Any]:  # fmt: skip
+    """result.json of a run that stopped after ``step`` (``error``: why it failed, None when done)."""
+    batch_size = cfg.train.batch_size
+    tokens = step * batch_size * cfg.model.seq_len
+    return {
         "status": "failed" if error else "done",
         "error": error,
         **summary,
         "step": step,
         "tokens": tokens,
         # passes over the unique training pool (corpus tokens only when tasks are mixed in)
-        "epochs": tokens * (1.0 - dataset.task_fraction(step, t.batch_size)) / dataset.n_train_tokens,
+        "epochs": tokens * (1.0 - dataset.task_fraction(step, batch_size)) / dataset.n_train_tokens,
         # data.tasks: names, params, requested and achieved (over these steps) token fraction; D counts both
-        "data_tasks": dataset.tasks.summary(step, t.batch_size) if dataset.tasks is not None else None,
-        "flops": {c: f * tokens for c, f in flops_per_token.items()},
+        "data_tasks": dataset.tasks.summary(step, batch_size) if dataset.tasks is not None else None,
+        "flops": {c: f * tokens for c, f in summary["flops_per_token"].items()},
         "final_train_loss": losses.last_train,
         "final_eval_loss": losses.last_eval,
         "best_eval_loss": losses.best_eval if math.isfinite(losses.best_eval) else None,
-        "wall_time_s": earlier_wall + time.perf_counter() - started,  # all attempts of this run
-        "tokens_per_s": meter.steady(),
+        "wall_time_s": wall_time_s,
+        "tokens_per_s": tokens_per_s,
     }
-    write_json_atomic(run_dir / RESULT, result)
-    return RunResult(result["status"], error, run_dir, result)
 
 
 def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, float]:
