@@ -58,6 +58,8 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # activations/matmuls; params stay float32
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass
+    scan_layers: bool = False  # run the repeating blocks as one jax.lax.scan: compile time independent of depth
+    logits: str = "full"  # full: float32 [B, T, V] logits | blockwise: the loss a block of tokens at a time (llm.logits)
     moe: MoEConfig | None = None
 
 
@@ -146,6 +148,7 @@ class Config:
 
 
 _MLPS = ("swiglu", "gelu")
+_LOGITS = ("full", "blockwise")
 _SCHEDULES = ("cosine", "wsd", "constant")
 _DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 _TOKENIZERS = ("bytes", "bpe")
@@ -217,6 +220,7 @@ def validate(cfg: Config) -> Config:
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     _one_of("model.mlp", m.mlp, _MLPS)
+    _one_of("model.logits", m.logits, _LOGITS)
     _one_of("model.compute_dtype", m.compute_dtype, _DTYPES)
     _one_of("model.param_dtype", m.param_dtype, _DTYPES)
     if m.moe is not None:
@@ -323,10 +327,12 @@ def tokens_per_step(cfg: Config) -> int:
     return cfg.train.batch_size * cfg.model.seq_len
 
 
-# How a run is executed, not what it trains: the progress bar, and the MoE kernel (the
-# dispatch kernels compute the same function; "auto" picks one per platform). They may
-# differ between a run and its resume, and they are not part of a run's identity.
-EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul")
+# How a run is executed, not what it trains: the progress bar, the MoE kernel (the
+# dispatch kernels compute the same function; "auto" picks one per platform), the layer
+# scan (same parameters, same function, one compiled unit) and the blockwise loss (same
+# loss; the logit gradient rounded to the compute dtype). They may differ between a run
+# and its resume, and they are not part of a run's identity.
+EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul", "model.scan_layers", "model.logits")
 
 
 def without_execution_keys(data: dict[str, Any]) -> dict[str, Any]:

@@ -104,19 +104,79 @@ class Transformer(nnx.Module):
             raise ValueError(f"tokens must be [batch, time], got shape {tokens_BT.shape}")
         if valid_BT is not None and tuple(valid_BT.shape) != tuple(tokens_BT.shape):
             raise ValueError(f"valid_BT shape {tuple(valid_BT.shape)} differs from tokens {tuple(tokens_BT.shape)}")
+        x_BTD, aux = self.hidden(tokens_BT, valid_BT)
+        # bf16 operands, float32 accumulation and output: logits and the loss stay float32.
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembedding(), preferred_element_type=jnp.float32)
+        return logits_BTV, aux
+
+    def hidden(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None):
+        """Final-normed hidden states [batch, time, d_model] (compute dtype) and aux, as in ``__call__``.
+
+        ``__call__`` is ``hidden`` then the unembedding; the blockwise loss (llm.logits) takes
+        these states and ``unembedding()`` instead, so full logits never exist.
+        """
+        cfg, cdt = self.cfg, self.compute_dtype
         sin_TH2, cos_TH2 = rope_tables(tokens_BT.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt)
+        blocks = list(self.blocks)
+        layer_stats: dict[int, dict] = {}
+        if cfg.scan_layers:
+            x_BTD, layer_stats, blocks = _scan_blocks(cfg, blocks, x_BTD, sin_TH2, cos_TH2, valid_BT)
         run = _run_block_remat if cfg.remat else _run_block
-        layer_stats = {}
-        for i, block in enumerate(self.blocks):
+        first = cfg.n_layers - len(blocks)  # blocks the scan left over (a remainder of moe.every)
+        for i, block in enumerate(blocks, start=first):
             x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2, valid_BT)
             if stats:
                 layer_stats[i] = stats
-        x_BTD = self.final_norm(x_BTD)
-        w_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.unembed_DV[...]
-        # bf16 operands, float32 accumulation and output: logits and the loss stay float32.
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(cdt), preferred_element_type=jnp.float32)
-        return logits_BTV, _collect_aux(cfg, layer_stats)
+        return self.final_norm(x_BTD), _collect_aux(cfg, layer_stats)
+
+    def unembedding(self) -> jax.Array:
+        """The unembedding matrix [d_model, vocab] in the compute dtype (the embedding's transpose if tied)."""
+        w_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.unembed_DV[...]
+        return w_DV.astype(self.compute_dtype)
+
+
+def layer_period(cfg: ModelConfig) -> int:
+    """Blocks in one repeating unit: moe.every (every-1 dense blocks, then an MoE one), else 1."""
+    return cfg.moe.every if cfg.moe is not None else 1
+
+
+def _scan_blocks(cfg: ModelConfig, blocks: list, x_BTD, sin_TH2, cos_TH2, valid_BT):
+    """Run the repeating units of ``blocks`` as one ``jax.lax.scan``; return (x, stats by layer, blocks left).
+
+    The parameter tree is not changed (checkpoints and optimiser state keep one entry per
+    block): the per-block parameters are stacked here, inside the step, and the scan's
+    gradient is sliced back per block. XLA compiles one unit however deep the model, and
+    the stack costs one copy of the block parameters per step. A unit is ``layer_period``
+    blocks (dense ... dense, MoE); a remainder of n_layers % moe.every dense blocks is
+    returned for the caller to run unrolled, as the plain path would.
+    """
+    period = layer_period(cfg)
+    repeats = cfg.n_layers // period
+    if repeats < 2:
+        return x_BTD, {}, blocks
+    graphdefs, stacked = [], []
+    for j in range(period):
+        splits = [nnx.split(blocks[r * period + j]) for r in range(repeats)]
+        graphdefs.append(splits[0][0])
+        stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits)))
+
+    def unit(x_BTD, states):
+        unit_stats = []
+        for graphdef, state in zip(graphdefs, states):
+            x_BTD, stats = nnx.merge(graphdef, state)(x_BTD, sin_TH2, cos_TH2, valid_BT)
+            unit_stats.append(stats)
+        return x_BTD, unit_stats
+
+    if cfg.remat:  # one unit's activations recomputed in the backward pass, as nnx.remat does per block
+        unit = jax.checkpoint(unit, prevent_cse=False)
+    x_BTD, stats_by_position = jax.lax.scan(unit, x_BTD, stacked)
+    layer_stats = {
+        r * period + j: {name: value[r] for name, value in stats.items()}
+        for j, stats in enumerate(stats_by_position) if stats
+        for r in range(repeats)
+    }
+    return x_BTD, layer_stats, blocks[repeats * period :]
 
 
 def _collect_aux(cfg: ModelConfig, layer_stats: dict) -> dict:

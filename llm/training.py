@@ -31,6 +31,7 @@ from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
 from rundir import CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
+from llm.logits import block_tokens, blockwise_logits
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
 
@@ -59,6 +60,13 @@ def cross_entropy(
     logits_BTV = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return cross_entropy_from_terms(log_z_BT, target_logit_BT, weights_BT)
+
+
+def cross_entropy_from_terms(
+    log_z_BT: jax.Array, target_logit_BT: jax.Array, weights_BT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy`` from each token's log-partition and target logit (float32), e.g. llm.logits'."""
     nll_BT = log_z_BT - target_logit_BT
     if weights_BT is None:
         return jnp.mean(nll_BT), jnp.mean(log_z_BT**2)
@@ -73,12 +81,25 @@ def make_loss_fn(graphdef: nnx.GraphDef, z_loss_coef: float):
 
     def loss_fn(params, tokens_BT1):
         model = nnx.merge(graphdef, params)
-        logits_BTV, aux = model(tokens_BT1[:, :-1])
-        loss, z_squared = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+        if model.cfg.logits == "blockwise":
+            loss, z_squared, aux = _blockwise_loss(model, tokens_BT1)
+        else:
+            logits_BTV, aux = model(tokens_BT1[:, :-1])
+            loss, z_squared = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
         total = loss + z_loss_coef * z_squared + aux["aux_loss"]
         return total, {"train_loss": loss, **aux["metrics"]}
 
     return loss_fn
+
+
+def _blockwise_loss(model: Transformer, tokens_BT1: jax.Array):
+    """(loss, mean squared log-partition, aux) of model.logits = blockwise: no full float32 logits."""
+    x_BTD, aux = model.hidden(tokens_BT1[:, :-1])
+    b, t, d = x_BTD.shape
+    block = block_tokens(b * t, model.cfg.vocab_size)
+    log_z_N, target_N = blockwise_logits(x_BTD.reshape(b * t, d), model.unembedding(), tokens_BT1[:, 1:].reshape(-1), block)
+    loss, z_squared = cross_entropy_from_terms(log_z_N, target_N)
+    return loss, z_squared, aux
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: Config):

@@ -1,0 +1,68 @@
+"""Compile seconds of the real train step against depth, with and without the layer scan.
+
+    python benchmarks/compile_time.py                  # 4, 12, 24 layers, plain and scanned
+    python benchmarks/compile_time.py --layers 4 24 --repeats 3
+
+Times ``jit(step).lower(state, batch).compile()`` of ``llm.training.make_train_step`` (the
+step ``chinchax train`` runs) on a small shape (d_model 128, 2 heads, vocab 256, seq 64,
+batch 4), so the figure is XLA's work on the program, not the arithmetic. Each repeat
+builds a fresh jit, so nothing comes from the compilation cache; the median is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llm.config import Config, ModelConfig, MoEConfig, TrainConfig  # noqa: E402
+from llm.model import Transformer  # noqa: E402
+from llm.optim import make_optimizer  # noqa: E402
+from llm.training import make_train_step  # noqa: E402
+
+
+def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> float:
+    """Seconds to lower and compile one fresh train step for ``model_cfg``."""
+    cfg = Config(model=model_cfg, train=TrainConfig(batch_size=batch_size, steps=10, tokens=None))
+    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    optimizer = make_optimizer(cfg.optim, 10)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    batch = jax.ShapeDtypeStruct((batch_size, model_cfg.seq_len + 1), jnp.int32)
+    step = make_train_step(graphdef, optimizer, cfg)
+    start = time.perf_counter()
+    step.lower(state, batch).compile()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 24])
+    parser.add_argument("--repeats", type=int, default=3, help="fresh compilations per row (median printed)")
+    parser.add_argument("--moe-every", type=int, default=None, help="also MoE (8 experts, top-2) every n-th block")
+    args = parser.parse_args(argv)
+    base = ModelConfig(d_model=128, n_heads=2, d_ff=512, vocab_size=256, seq_len=64, mlp="gelu", tie_embeddings=True)
+    if args.moe_every:
+        base = dataclasses.replace(base, moe=MoEConfig(n_experts=8, top_k=2, every=args.moe_every, d_ff_expert=256))
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; median of {args.repeats} compilations")
+    print(f"{'layers':>6} {'plain s':>9} {'scan s':>9}")
+    first = {}
+    for n_layers in args.layers:
+        row = []
+        for scan in (False, True):
+            cfg = dataclasses.replace(base, n_layers=n_layers, scan_layers=scan)
+            row.append(statistics.median(compile_seconds(cfg) for _ in range(args.repeats)))
+        first.setdefault("plain", row[0]), first.setdefault("scan", row[1])
+        print(f"{n_layers:>6} {row[0]:>9.2f} {row[1]:>9.2f}   (x{row[0] / first['plain']:.2f}, x{row[1] / first['scan']:.2f} of the first row)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

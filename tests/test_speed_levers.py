@@ -1,0 +1,127 @@
+"""Speed levers keep the numbers (issue 13): the layer scan and the blockwise loss against the plain path.
+
+Each lever is an execution key (llm.config.EXECUTION_KEYS): a run keeps its identity and its
+checkpoints whichever way it executes, so the optimised path must train the same model.
+Tolerances: the scan runs the same operations, fused differently, so metrics agree to 1e-5
+(relative) in float32 (the MoE model) and 1e-3 in bfloat16 (the dense model); the blockwise loss rounds the logit gradient to the compute dtype, so
+in bfloat16 the losses of three steps agree to 1e-3 nats, in float32
+(the MoE model) to 1e-5.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm.config import EXECUTION_KEYS, Config, ConfigError, ModelConfig, MoEConfig, TrainConfig, load_config
+from llm.logits import block_tokens, blockwise_logits
+from llm.model import Transformer
+from llm.optim import make_optimizer
+from llm.training import cross_entropy, make_train_step
+
+# The reference's shape of block (GELU, tied embeddings) in bfloat16.
+DENSE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=64, seq_len=16,
+                    compute_dtype="bfloat16", mlp="gelu", tie_embeddings=True)  # fmt: skip
+# MoE every 2nd block of 5: two (dense, MoE) units scanned, one dense block left over.
+MOE = dataclasses.replace(DENSE, n_layers=5, mlp="swiglu", tie_embeddings=False, compute_dtype="float32",
+                          moe=MoEConfig(n_experts=4, top_k=2, every=2, d_ff_expert=32))  # fmt: skip
+STEPS = 3
+
+
+def train_metrics(model_cfg: ModelConfig, steps: int = STEPS) -> list[dict[str, float]]:
+    """Per-step metrics of the real train step on fixed random tokens."""
+    cfg = Config(model=model_cfg, train=TrainConfig(batch_size=4, steps=steps, tokens=None))
+    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    optimizer = make_optimizer(cfg.optim, steps)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    step_fn = make_train_step(graphdef, optimizer, cfg)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        state, metrics = step_fn(state, rng.integers(0, model_cfg.vocab_size, (4, model_cfg.seq_len + 1), dtype=np.int32))
+        out.append({k: float(v) for k, v in metrics.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return {"dense": train_metrics(DENSE), "moe": train_metrics(MOE)}
+
+
+@pytest.mark.parametrize("name,cfg,rtol", [("dense", DENSE, 1e-3), ("moe", MOE, 1e-5)])
+def test_layer_scan_trains_like_the_unrolled_blocks(plain, name, cfg, rtol):
+    scanned = train_metrics(dataclasses.replace(cfg, scan_layers=True, remat=name == "moe"))
+    assert [sorted(m) for m in scanned] == [sorted(m) for m in plain[name]]  # same MoE stats, per layer
+    for got, want in zip(scanned, plain[name]):
+        np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,cfg,atol", [("dense", DENSE, 1e-3), ("moe", MOE, 1e-5)])
+def test_blockwise_loss_trains_like_full_logits(plain, name, cfg, atol):
+    blockwise = train_metrics(dataclasses.replace(cfg, logits="blockwise"))
+    np.testing.assert_allclose([m["train_loss"] for m in blockwise], [m["train_loss"] for m in plain[name]], atol=atol)
+    np.testing.assert_allclose([m["grad_norm"] for m in blockwise], [m["grad_norm"] for m in plain[name]], rtol=100 * atol)
+
+
+def test_blockwise_gradients_match_autodiff_of_full_logits_over_several_blocks():
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    x_ND = jax.random.normal(k1, (12, 8))
+    w_DV = jax.random.normal(k2, (8, 20))
+    t_N = jax.random.randint(k3, (12,), 0, 20)
+    weights_N = jax.random.uniform(k4, (12,))
+
+    def loss(terms):  # nll and z-loss, weighted: every cotangent path of the custom backward
+        log_z, target = terms
+        return jnp.sum(weights_N * (log_z - target)) + 0.1 * jnp.sum(log_z**2)
+
+    def full(x, w):
+        logits = x @ w
+        return loss((jax.nn.logsumexp(logits, axis=-1), jnp.take_along_axis(logits, t_N[:, None], axis=-1)[:, 0]))
+
+    want = jax.value_and_grad(full, argnums=(0, 1))(x_ND, w_DV)
+    got = jax.value_and_grad(lambda x, w: loss(blockwise_logits(x, w, t_N, 4)), argnums=(0, 1))(x_ND, w_DV)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block=5 does not divide the 12 tokens"):
+        blockwise_logits(x_ND, w_DV, t_N, 5)
+
+
+def test_block_tokens_is_the_largest_divisor_under_the_byte_cap():
+    assert block_tokens(16 * 1024, 50304) == 1024  # 256 MiB / (4 B x 50304) = 1334 tokens: 1024 divides
+    assert block_tokens(12, 20, block_bytes=4 * 20 * 5) == 4  # cap 5 tokens; 5 does not divide 12
+    assert block_tokens(100, 256) == 100  # all of it fits in one block
+
+
+def test_blockwise_loss_never_holds_full_float32_logits():
+    """Temporary memory of loss + gradient, from XLA's memory analysis, at vocab 50304."""
+    n, d, v = 512, 32, 50304
+    full_bytes = n * v * 4
+    x = jax.ShapeDtypeStruct((n, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def full(x, w, t):
+        logits = jnp.einsum("nd,dv->nv", x, w, preferred_element_type=jnp.float32)
+        return cross_entropy(logits[None], t[None])[0]
+
+    def blockwise(x, w, t):
+        log_z, target = blockwise_logits(x, w, t, 32)  # 16 blocks
+        return jnp.mean(log_z - target)
+
+    def temp_bytes(f):
+        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w, t).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(full) >= full_bytes
+    assert temp_bytes(blockwise) < full_bytes / 4  # a block's logits and their gradient: 2/16 of full
+
+
+def test_scan_keeps_the_parameter_tree_and_the_levers_are_execution_keys():
+    trees = [jax.tree.structure(nnx.state(Transformer(dataclasses.replace(MOE, scan_layers=s), rngs=nnx.Rngs(0))))
+             for s in (False, True)]  # fmt: skip
+    assert trees[0] == trees[1]  # checkpoints of either path restore into the other
+    assert {"model.scan_layers", "model.logits"} <= set(EXECUTION_KEYS)
+    with pytest.raises(ConfigError, match="model.logits='blocked' is not allowed.*blockwise"):
+        load_config(overrides=["model.logits=blocked"])
