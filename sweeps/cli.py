@@ -497,7 +497,13 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                    help="also fit the finished runs in the sweep directory that are not runs of this spec "
                         "(left by an earlier version of it; left out with a warning by default)")  # fmt: skip
     q.add_argument("--no-compile-cache", action="store_true", help="do not share JAX's persistent compilation cache")
+    q.add_argument("--population", choices=("auto", "off"), default="auto",
+                   help="auto: train runs that differ only in train.seed, data.seed, optim.lr or optim.weight_decay "
+                        "together in one process per backend slot (vmapped on a GPU/TPU, in turn on CPU), as many "
+                        "as --max-population and the slot's memory allow; off: every run in its own process")  # fmt: skip
+    q.add_argument("--max-population", type=_positive_int, default=16, help="most runs trained as one population")
     q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
+    q.add_argument("--population-fn", default="llm.population:train_population", help=argparse.SUPPRESS)
     q.set_defaults(func=_cmd_sweep_run)
 
     q = actions.add_parser("status", help="rebuild and print the sweep index", formatter_class=_Formatter)
@@ -533,6 +539,9 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
         gpus_per_run=args.gpus_per_run,
         retry_failed=args.retry_failed,
         train_fn=args.train_fn,
+        population=args.population,
+        max_population=args.max_population,
+        population_fn=args.population_fn,
         fit=not args.no_fit,
         include_stale=args.include_stale,
         raw_spec=raw,

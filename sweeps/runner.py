@@ -32,12 +32,13 @@ from typing import Any, Callable
 
 import yaml
 
-from llm.config import dump_config
+from llm.config import ConfigError, dump_config
 from sweeps.backends import make_backend, worker_command
 from sweeps.evals import eval_failure, eval_spec_to_json, needs_eval
 from sweeps.index import index_row, lock_path, run_state, write_index
 from sweeps.lock import holder
 from sweeps.plan import PlannedRun, expand
+from sweeps.populations import DEFAULT_MAX_SIZE, DEFAULT_POPULATION_FN, launch_units, memory_fits, population_command
 from sweeps.spec import SweepSpec
 from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, write_failure
 from rundir import format_duration, read_result, write_text_atomic
@@ -298,11 +299,15 @@ def status_counts(status: dict[str, str]) -> dict[str, int]:
 class _Launch:
     """The mutable state of one launch: statuses, workers, and the index it keeps on disk."""
 
-    def __init__(self, spec: SweepSpec, sweep_dir: Path, runs: list[PlannedRun], env: dict[str, str], train_fn: str):
+    def __init__(self, spec: SweepSpec, sweep_dir: Path, runs: list[PlannedRun], env: dict[str, str], train_fn: str,
+                 population_fn: str = DEFAULT_POPULATION_FN):  # fmt: skip
         self.spec, self.sweep_dir, self.runs, self.env, self.train_fn = spec, sweep_dir, runs, env, train_fn
+        self.population_fn = population_fn
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
-        self.active: dict[str, int] = {}  # run name -> backend handle
+        self.active: dict[str, int] = {}  # run name -> backend handle (one handle for a population's members)
+        self.units: dict[str, list[str]] = {}  # run name -> the members of its population (sweeps.populations)
+        self.logs: dict[str, Path] = {}  # run name -> the log of the worker that runs it
         self.trained: list[str] = []
         self.written: dict[str, str] | None = None  # statuses as last written to the index
 
@@ -320,39 +325,73 @@ class _Launch:
         self.written = dict(self.status)
 
     def start(self, backend) -> None:
-        """Start queued runs in the backend's free slots; a run locked meanwhile is waited for."""
-        for name in to_launch(self.status, backend.free()):
-            lock = lock_path(self.sweep_dir, name)
-            if holder(lock) is not None:
-                self.status[name] = "waiting"
-                continue
-            cmd = worker_command(self.sweep_dir / ".configs" / f"{name}.yaml", self.sweep_dir / name, name, lock,
-                                 self.train_fn, eval_spec_to_json(self.spec.eval) if self.spec.eval else None)  # fmt: skip
-            self.active[name] = backend.start(cmd, self.env, self.sweep_dir / "logs" / f"{name}.log")
-            self.status[name] = "running"
+        """Start queued runs in the backend's free slots, a population's members together in one;
+        a run locked meanwhile is waited for."""
+        free = backend.free()
+        for name in to_launch(self.status, len(self.status)):
+            if free <= 0:
+                break
+            members = []
+            for member in self.units.get(name, [name]):
+                if self.status[member] != "queued":
+                    continue  # started, finished or held elsewhere
+                if holder(lock_path(self.sweep_dir, member)) is not None:
+                    self.status[member] = "waiting"
+                    continue
+                members.append(member)
+            if members:
+                self._start_unit(backend, members)
+                free -= 1
+
+    def _start_unit(self, backend, members: list[str]) -> None:
+        """One worker: a single run, or a population (its log is its first member's; the others point there)."""
+        eval_json = eval_spec_to_json(self.spec.eval) if self.spec.eval else None
+        args = [(self.sweep_dir / ".configs" / f"{n}.yaml", self.sweep_dir / n, n, lock_path(self.sweep_dir, n)) for n in members]
+        log = self.sweep_dir / "logs" / f"{members[0]}.log"
+        if len(members) == 1:
+            cmd = worker_command(*args[0], self.train_fn, eval_json)
+        else:
+            cmd = population_command(args, self.population_fn, eval_json)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            for other in members[1:]:
+                with open(self.sweep_dir / "logs" / f"{other}.log", "a") as f:
+                    f.write(f"trained in a population of {len(members)}; its log: {log.name}\n")
+        handle = backend.start(cmd, self.env, log)
+        for name in members:
+            self.active[name], self.status[name], self.logs[name] = handle, "running", log
             self.trained.append(name)
 
     def collect(self, backend, bar: Progress) -> None:
         """Record the runs whose workers exited; a worker that died silently gets a failed result.json."""
-        for name, handle in list(self.active.items()):
+        by_handle: dict[int, list[str]] = {}
+        for name, handle in self.active.items():
+            by_handle.setdefault(handle, []).append(name)
+        for handle, names in by_handle.items():
             rc = backend.poll(handle)
             if rc is None:
                 continue
-            del self.active[name]
+            for name in names:
+                del self.active[name]
+                self._exited(name, rc, bar, population=len(names) > 1)
+
+    def _exited(self, name: str, rc: int, bar: Progress, population: bool) -> None:
+        """Record one run whose worker exited with ``rc``."""
+        result = read_result(self.sweep_dir / name)
+        status, counted = after_exit(rc, result)
+        if status == "lost" and population and holder(lock_path(self.sweep_dir, name)) is not None:
+            status, counted = "waiting", False  # another launch locked this member first
+        if not counted:
+            self.trained.remove(name)
+        if status == "lost":
+            tail = _log_tail(self.logs.get(name, self.sweep_dir / "logs" / f"{name}.log"))
+            write_failure(self.sweep_dir / name, name, _exit_reason(rc) + (f"; log: {tail}" if tail else ""))
             result = read_result(self.sweep_dir / name)
-            status, counted = after_exit(rc, result)
-            if not counted:
-                self.trained.remove(name)
-            if status == "lost":
-                tail = _log_tail(self.sweep_dir / "logs" / f"{name}.log")
-                write_failure(self.sweep_dir / name, name, _exit_reason(rc) + (f"; log: {tail}" if tail else ""))
-                result = read_result(self.sweep_dir / name)
-                status = "failed"
-            self.status[name] = status
-            if status == "failed":
-                self.errors[name] = str((result or {}).get("error"))
-            if status != "waiting":
-                bar.finished(name)
+            status = "failed"
+        self.status[name] = status
+        if status == "failed":
+            self.errors[name] = str((result or {}).get("error"))
+        if status != "waiting":
+            bar.finished(name)
 
     def recheck_waiting(self) -> None:
         """Follow the runs another launch holds: finished there, still running, or left to us."""
@@ -373,6 +412,9 @@ def run_sweep(
     gpus_per_run: int = 1,
     retry_failed: bool = False,
     train_fn: str = DEFAULT_TRAIN_FN,
+    population: str = "auto",
+    max_population: int = DEFAULT_MAX_SIZE,
+    population_fn: str = DEFAULT_POPULATION_FN,
     fit: bool = True,
     include_stale: bool = False,
     progress: bool = True,
@@ -387,14 +429,24 @@ def run_sweep(
     recorded and the sweep goes on. KeyboardInterrupt stops the running runs cleanly
     (they resume on the next launch) and propagates. The fit uses the runs of this spec
     only; finished runs of other specs in ``sweep_dir`` join it only with ``include_stale``.
+
+    ``population="auto"`` trains runs that differ only in seeds, learning rate or weight decay
+    together, up to ``max_population`` per process (``sweeps.populations``); ``"off"`` trains
+    every run alone. A custom ``train_fn`` trains runs alone unless ``population_fn`` is given too.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if population not in ("auto", "off"):
+        raise ConfigError(f"--population {population!r} is not known; choose auto or off")
+    if max_population < 1:
+        raise ConfigError(f"--max-population must be >= 1, got {max_population}")
     runs = expand(spec)  # every validation error surfaces here, before anything is written
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(spec)
     sweep_dir = sweep_dir.resolve()
     prepare(spec, sweep_dir, runs, raw_spec)
     env = run_env(jax_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None))
-    launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn))
+    if train_fn != DEFAULT_TRAIN_FN and population_fn == DEFAULT_POPULATION_FN:
+        population = "off"  # a custom train function trains one run; populations would bypass it
+    launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn), _absolute_train_fn(population_fn))
     to_evaluate = 0
     for run in runs:
         state = run_state(sweep_dir, run.name)
@@ -418,6 +470,8 @@ def run_sweep(
         while launch.busy():
             if backend_obj is None and "queued" in launch.status.values():
                 backend_obj = make_backend(backend, parallel, gpus_per_run)
+                if population == "auto":
+                    launch.units = _population_units(launch, sweep_dir, backend_obj, parallel, gpus_per_run, max_population)
             if backend_obj is not None:
                 launch.start(backend_obj)
                 launch.collect(backend_obj, bar)
@@ -454,6 +508,19 @@ def run_sweep(
     report = SweepReport(sweep_dir, rows, launch.trained, failed, fit_status, eval_failed)
     say(format_summary(spec, report))
     return report
+
+
+def _population_units(launch: _Launch, sweep_dir: Path, backend_obj, parallel: int | None, gpus_per_run: int,
+                      max_population: int) -> dict[str, list[str]]:  # fmt: skip
+    """Run name -> the members of its population, for the queued runs that need training."""
+    trainable = [(r.name, r.config) for r in launch.runs
+                 if launch.status[r.name] == "queued" and run_state(sweep_dir, r.name) != "done"]  # fmt: skip
+    if backend_obj.name == "local":
+        slots, fits = backend_obj.parallel, memory_fits(backend_obj.parallel, gpus_per_run)
+    else:  # a cluster's slots and memory are not known here; the population checks its memory where it runs
+        slots, fits = parallel or 1, None
+    units = launch_units(trainable, max_size=max_population, slots=slots, fits=fits)
+    return {name: unit for unit in units if len(unit) > 1 for name in unit}
 
 
 def _launch_line(spec: SweepSpec, sweep_dir: Path, status: dict[str, str]) -> str:
