@@ -214,3 +214,15 @@ def test_lr_scaling_names_the_missing_column(tmp_path, capsys):
     assert "needs the column(s) lr " in capsys.readouterr().err
     assert not (tmp_path / "t_fits").exists()
 
+
+
+def test_allocate_reads_our_fits_json(tmp_path, capsys):
+    (tmp_path / "fits.json").write_text(json.dumps({"approaches": {"3": {"params": references.CHINCHILLA_APPROACH3}}}))
+    assert main(["allocate", str(tmp_path), "--budgets", "1e21", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)[0]
+    (published,), _ = allocate.allocate("hoffmann2022", budgets=[1e21])
+    assert ours["n_params"] == pytest.approx(published["n_params"], rel=1e-9)
+    # an over-training fit is allocated as Chinchilla's law with A = a 6^-eta, B = b 6^-eta, alpha = beta = 2 eta
+    (tmp_path / "fits.json").write_text(json.dumps({"beyond": {"overtraining": {"params": TRUTH_OT}}}))
+    (row,), _ = allocate.allocate(str(tmp_path / "fits.json"), budgets=[1e21])
+    assert row["tokens_per_param"] == pytest.approx(overtraining.optimal_multiplier(TRUTH_OT), rel=1e-6)
