@@ -226,3 +226,11 @@ def test_allocate_reads_our_fits_json(tmp_path, capsys):
     (tmp_path / "fits.json").write_text(json.dumps({"beyond": {"overtraining": {"params": TRUTH_OT}}}))
     (row,), _ = allocate.allocate(str(tmp_path / "fits.json"), budgets=[1e21])
     assert row["tokens_per_param"] == pytest.approx(overtraining.optimal_multiplier(TRUTH_OT), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["data_constrained", "overtraining", "lr_scaling"])
+def test_shipped_specs_fit_their_law(name):
+    from sweeps.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    assert spec.fit.options["laws"] == (name,) and spec.fit.options["approaches"] == ()
