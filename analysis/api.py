@@ -6,6 +6,7 @@ from pathlib import Path
 
 from analysis import beyond, figures
 from analysis.bootstrap import DEFAULT_PERCENTILES
+from analysis.isoflop import DEFAULT_METHOD
 from analysis.load import AnalysisError, load_runs, read_json
 from analysis.pipeline import DEFAULT_LAWS, fit_points
 from analysis.prepare import prepare
@@ -26,7 +27,7 @@ def fit_path(
     path, out_dir=None, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
     interpolate="auto", flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000,
     seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
-    include_stale=False,
+    include_stale=False, approach2=DEFAULT_METHOD,
 ) -> dict:  # fmt: skip
     """Fit Chinchilla approaches and Kaplan laws to a sweep/run directory or a CSV/Parquet table.
 
@@ -40,6 +41,9 @@ def fit_path(
     default decades from the smallest run to 1,000x the largest. isoflop_budgets: Approach-2
     budgets, default: runs grouped by final FLOPs. interpolate: Approach-2 use of training curves
     interpolated onto a budget: "auto" (only where < 3 runs end at it), "always", "never".
+    approach2: how Approach 2 locates each budget's minimum: "local" (default: quadratic with
+    Gaussian weights centred on the minimum), "akima" (minimum of an Akima interpolant, Porian et
+    al. 2024) or "parabola" (whole-profile parabola, Hoffmann et al. 2022); see analysis.isoflop.
     flops: "auto", "6N", "6N+attention" or "6ND" (derive C = 6 N D). n_params: the N column. loss: final_eval_loss or best_eval_loss.
     exclude: run names to leave out. n_bootstrap: resamples of runs (0: none).
     holdout_flops: compute threshold of the extrapolation check (default: largest budget held out).
@@ -55,7 +59,7 @@ def fit_path(
     fits = fit_points(
         pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
         interpolate=interpolate, n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles,
-        holdout_flops=holdout_flops, extrapolation=extrapolation, progress=progress,
+        holdout_flops=holdout_flops, extrapolation=extrapolation, progress=progress, approach2=approach2,
     )  # fmt: skip
     fits["source"] = str(path)
     fits["exclude"] = sorted(map(str, exclude))

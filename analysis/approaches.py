@@ -157,13 +157,15 @@ def auto_budgets(final_flops, *, gap_dex=0.1, min_runs=3):
 
 
 def isoflop_points(budgets, final_flops_R, final_loss_R, n_params_R, tokens_R, loss_RK=None, tokens_RK=None,
-                   *, tol_dex=0.05, interpolate="auto"):  # fmt: skip
+                   *, tol_dex=0.01, interpolate="auto", members=None):  # fmt: skip
     """Loss against N at each budget: runs ending within ``tol_dex`` decades of it use their final
     loss ("final"); other runs whose curves span it use their curve interpolated in log-log
     onto the budget ("interpolated"; loss_RK/tokens_RK from curve_matrix on ``budgets``).
     interpolate: "auto" adds interpolated points only to budgets with fewer than 3 model sizes
     among the final points (a mid-run loss comes from a learning-rate schedule stretched to a
     longer run, so it is not what a run trained to that budget reaches); "always"; "never".
+    members: per budget, runs that belong to it (a loose group of final FLOPs): those not within
+    tol_dex are interpolated onto it unless interpolate is "never".
     Returns a DataFrame budget_index, budget, run_index, n_params, tokens, loss, kind.
     """
     rows = []
@@ -173,11 +175,15 @@ def isoflop_points(budgets, final_flops_R, final_loss_R, n_params_R, tokens_R, l
         near = np.abs(lf - np.log10(c)) <= tol_dex
         for i in np.flatnonzero(near):
             rows.append((j, c, i, n_params_R[i], tokens_R[i], final_loss_R[i], "final"))
-        if interpolate == "auto" and np.unique(n_params_R[near]).size >= 3:
-            continue  # runs trained to this budget suffice; mid-run losses (other schedules) would bias it
+        take = np.zeros_like(near)
         if loss_RK is not None and interpolate != "never":
-            for i in np.flatnonzero(~near & np.isfinite(loss_RK[:, j])):
-                rows.append((j, c, i, n_params_R[i], tokens_RK[i, j], loss_RK[i, j], "interpolated"))
+            if members is not None:
+                take[members[j]] = True
+            if interpolate == "always" or np.unique(n_params_R[near]).size < 3:
+                take[:] = True  # "auto": runs trained to a budget suffice; mid-run losses (other schedules) bias it
+            take &= ~near & np.isfinite(loss_RK[:, j])
+        for i in np.flatnonzero(take):
+            rows.append((j, c, i, n_params_R[i], tokens_RK[i, j], loss_RK[i, j], "interpolated"))
     return pd.DataFrame(rows, columns=["budget_index", "budget", "run_index", "n_params", "tokens", "loss", "kind"])
 
 

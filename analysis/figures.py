@@ -7,6 +7,7 @@ Every function takes the prepared points and the fits dict (as written to fits.j
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -17,8 +18,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from analysis import parametric, references  # noqa: E402
+from analysis import isoflop, parametric, references  # noqa: E402
 from analysis.laws import law_from_name  # noqa: E402
+from analysis.numbers import fmt  # noqa: E402
 from analysis.prepare import Points  # noqa: E402
 from rundir import write_bytes_atomic  # noqa: E402
 
@@ -110,7 +112,7 @@ def plot_isoflop(pts: Points, fits: dict, out_dir: Path) -> list[str]:
     budgets = np.array([b["flops"] for b in a2["budgets"]])
     norm = LogNorm(vmin=budgets.min(), vmax=max(budgets.max(), budgets.min() * 1.01))
     cmap = plt.get_cmap("plasma")
-    pb, pn, pl = (np.asarray(p[k], float) for k in ("budget", "n_params", "loss"))
+    pb, pn, pd_, pl = (np.asarray(p[k], float) for k in ("budget", "n_params", "tokens", "loss"))
     kind = np.asarray(p["kind"])
     ax = axes[0]
     for b in a2["budgets"]:
@@ -121,16 +123,25 @@ def plot_isoflop(pts: Points, fits: dict, out_dir: Path) -> list[str]:
         f = b["fit"]
         if f:
             xs = np.linspace(np.log(pn[sel].min()), np.log(pn[sel].max()), 100)
-            ax.plot(np.exp(xs), f["c2"] * xs**2 + f["c1"] * xs + f["c0"], color=col, lw=1)
+            if "c2" in f:  # whole-profile parabola
+                ax.plot(np.exp(xs), f["c2"] * xs**2 + f["c1"] * xs + f["c0"], color=col, lw=1)
+            else:  # Akima interpolant through the mean loss of each size
+                prof = isoflop.make_profile(b["flops"], pn[sel], pd_[sel], pl[sel])
+                ax.plot(np.exp(xs), isoflop.akima(prof.log_n, np.exp(prof.log_loss), xs), color=col, lw=1)
             ax.plot(f["n_opt"], f["loss_opt"], "v", color=col if f["inside"] else "grey", ms=8, mec="k")
+    method = a2.get("approach2_method", "parabola")
     ax.set(xscale="log", xlabel=f"N ({pts.n_params_column})", ylabel="loss (nats/token)",
-           title="IsoFLOP profiles (x: interpolated)")  # fmt: skip
+           title=f"IsoFLOP profiles, minima by {method} (x: interpolated)")  # fmt: skip
     _colourbar(fig, axes[-1], norm, f"IsoFLOP budget, {_conv_label(fits)}", cmap="plasma")
     used = [b["fit"] for b in a2["budgets"] if b["fit"] and b["fit"]["inside"]]
     cs = np.array([u["budget"] for u in used])
     grid = np.geomspace(budgets.min() / 2, budgets.max() * 2, 100)
     for ax, key, law_k, law_e, label in ((axes[1], "n_opt", "k_N", "a", "N_opt"), (axes[2], "tokens_opt", "k_D", "b", "D_opt")):
         ax.scatter(cs, [u[key] for u in used], c=cs, cmap="plasma", norm=norm, zorder=3)
+        sd = np.array([u.get("log_n_opt_sd") or 0.0 for u in used])
+        if sd.any():  # +- 1 sd of ln N* under the seed noise (the weights of the fit)
+            y = np.array([u[key] for u in used])
+            ax.errorbar(cs, y, yerr=[y - y * np.exp(-sd), y * np.exp(sd) - y], fmt="none", ecolor="grey", zorder=2)
         ax.plot(grid, a2[law_k] * grid ** a2[law_e], color="tab:orange", label=f"{label} ~ C^{a2[law_e]:.3f}")
         ax.set(xscale="log", yscale="log", xlabel=_conv_label(fits), ylabel=label)
         ax.legend()
@@ -224,16 +235,18 @@ def plot_isoloss(pts: Points, fits: dict, out_dir: Path) -> list[str]:
                edgecolor="k", lw=0.3, label="runs", zorder=3)  # fmt: skip
     _colourbar(fig, ax, norm, f"N ({pts.n_params_column})")
     ax.set(xscale="log", yscale="log", xlabel="C = 6 N D (FLOPs)", ylabel=f"N ({pts.n_params_column})",
-           title=f"Approach 3 isoloss contours: L = {prm['E']:.3f} + {prm['A']:.4g}/N^{prm['alpha']:.3f} + "
-                 f"{prm['B']:.4g}/D^{prm['beta']:.3f}")  # fmt: skip
+           title=f"Approach 3 isoloss contours: L = {fmt(prm['E'], 5)} + {fmt(prm['A'], 5)}/N^{fmt(prm['alpha'], 5)} + "
+                 f"{fmt(prm['B'], 5)}/D^{fmt(prm['beta'], 5)}")  # fmt: skip
     ax.set_ylim(n_grid[0], n_grid[-1])
     ax.legend(loc="upper left")
     return _save(fig, out_dir, "isoloss")
 
 
 def plot_kaplan(pts: Points, fits: dict, out_dir: Path) -> list[str]:
-    """Kaplan panels: L(N), L(D) and L(C) data with fitted laws (whichever were fitted)."""
+    """Kaplan panels: L(N), L(D) and L(C) data with fitted laws (whichever were fitted); a law the
+    data cannot support shows its candidate points (hollow) and why it was not fitted."""
     panels = [(n, f) for n, f in fits.get("laws", {}).items() if len(f["data"]) == 2]  # single-input laws
+    panels += list(fits.get("laws_unsupported", {}).items())
     if not panels:
         return []
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False, layout="constrained")
@@ -241,13 +254,18 @@ def plot_kaplan(pts: Points, fits: dict, out_dir: Path) -> list[str]:
     for ax, (name, f) in zip(axes[0], panels):
         var = next(k for k in f["data"] if k != "loss")
         x, y = np.asarray(f["data"][var]), np.asarray(f["data"]["loss"])
-        if var == "N":
-            ax.scatter(x, y, c=x, cmap=CMAP, norm=norm, s=18, zorder=3)
+        if "reason" in f:  # not fitted: the candidates, and why
+            ax.scatter(x, y, facecolors="none", edgecolors="grey", s=18, zorder=3, label="lowest loss per " + var)
+            ax.text(0.03, 0.03, "not fitted: " + textwrap.fill(f["reason"], 60), transform=ax.transAxes, fontsize=6.5,
+                    va="bottom", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "grey"})  # fmt: skip
         else:
-            ax.scatter(x, y, color="k", s=14, zorder=3)
-        xs = np.geomspace(x.min() / 2, x.max() * 2, 200)
-        ax.plot(xs, law_from_name(name)(f["params"], **{var: xs}), color="tab:red",
-                label=f"{f['formula']}\n" + ", ".join(f"{k}={v:.3g}" for k, v in f["params"].items()))  # fmt: skip
+            if var == "N":
+                ax.scatter(x, y, c=x, cmap=CMAP, norm=norm, s=18, zorder=3)
+            else:
+                ax.scatter(x, y, color="k", s=14, zorder=3)
+            xs = np.geomspace(x.min() / 2, x.max() * 2, 200)
+            ax.plot(xs, law_from_name(name)(f["params"], **{var: xs}), color="tab:red",
+                    label=f"{f['formula']}\n" + ", ".join(f"{k}={fmt(v, 4)}" for k, v in f["params"].items()))  # fmt: skip
         xlabel = {"N": f"N ({fits.get('kaplan_n_column', 'n_params')})", "D": "D, training tokens",
                   "C": _conv_label(fits)}[var]  # fmt: skip
         ref = f["citation"].split(",")[0] + ", " + f["citation"].split(",")[-1].strip() if "," in f["citation"] else ""

@@ -8,13 +8,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from analysis import approaches as ap
-from analysis import beyond, parametric
+from analysis import beyond, isoflop, kaplan, parametric
 from analysis.bootstrap import DEFAULT_PERCENTILES, intervals, resample_counts
 from analysis.laws import LAWS, fit_law, law_from_name
 from analysis.load import AnalysisError, AnalysisWarning
 from analysis.prepare import Points
 
 DEFAULT_LAWS = ("kaplan_N", "kaplan_D", "kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C")
+# What each law is fitted on (kaplan_N and kaplan_D: analysis.kaplan.selection says).
+LAW_DATA = {"kaplan_C": "the compute frontier (lowest loss per FLOP bucket, as Approach 1)",
+            "saturating_C": "the compute frontier (lowest loss per FLOP bucket, as Approach 1)",
+            "kaplan_ND": "every run's final loss", "chinchilla": "every run's final loss",
+            "kaplan_NS": "every evaluated point of every training curve"}  # fmt: skip
 
 
 def _warn(messages: list, msg: str) -> None:
@@ -104,73 +109,15 @@ def approach1(pts: Points, budgets, counts_BR, messages, *, percentiles=DEFAULT_
     return out
 
 
-def _curve_budgets(pts: Points, min_runs=3, n=6):
-    """Budgets spanned by >= min_runs curves, log-spaced (for sweeps that are not IsoFLOP grids)."""
-    ranges = pts.curves.groupby("run")["flops"].agg(["min", "max"])
-    if len(ranges) < min_runs:
-        return np.array([])
-    lo = np.sort(ranges["min"].to_numpy())[min_runs - 1]
-    hi = np.sort(ranges["max"].to_numpy())[::-1][min_runs - 1]
-    return np.geomspace(lo, hi, n) if hi > lo * 1.5 else np.array([])
+def approach2(pts: Points, budgets, counts_BR, messages, *, method=isoflop.DEFAULT_METHOD, seed=0, isoflop_budgets=None,
+              interpolate="auto", percentiles=DEFAULT_PERCENTILES):  # fmt: skip
+    """Chinchilla Approach 2 (IsoFLOP minima; see analysis.isoflop), len(counts_BR) bootstrap resamples."""
+    return isoflop.approach2(pts, budgets, lambda msg: _warn(messages, msg), method=method, n_bootstrap=len(counts_BR),
+                             seed=seed, isoflop_budgets=isoflop_budgets, interpolate=interpolate,
+                             percentiles=percentiles)  # fmt: skip
 
 
-def approach2(pts: Points, budgets, counts_BR, messages, *, isoflop_budgets=None, interpolate="auto",
-              percentiles=DEFAULT_PERCENTILES):  # fmt: skip
-    """Chinchilla Approach 2 (IsoFLOP parabolas in ln N), with bootstrap over runs."""
-    p = pts.points
-    n_r, d_r, c_r, l_r = (p[c].to_numpy(float) for c in ("n_params", "tokens", "flops", "loss"))
-    if isoflop_budgets is not None:
-        iso, tol = np.asarray(isoflop_budgets, float), 0.05
-        source = "given"
-    else:
-        iso, tol = ap.auto_budgets(c_r)
-        source = "runs grouped by final FLOPs"
-        if iso.size < 2 and pts.has_curves:
-            iso, tol, source = _curve_budgets(pts), 0.02, "log-spaced budgets spanned by >= 3 training curves"
-    if iso.size < 2:
-        raise AnalysisError(
-            "approach 2 needs >= 2 IsoFLOP budgets with >= 3 runs each; the runs' FLOPs do not group "
-            "that way (give --isoflop-budgets C1 C2 ... / isoflop_budgets=[...], or train an IsoFLOP grid)"
-        )
-    loss_RK = tok_RK = None
-    if pts.has_curves:
-        loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
-    iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=tol, interpolate=interpolate)
-    groups = ap.isoflop_groups(iso_pts)
-    parabolas = ap.fit_isoflop(groups)
-    used = []
-    for c, par in zip(iso, parabolas):
-        if par is None:
-            _warn(messages, f"approach 2: budget {c:.3g} FLOPs skipped (fewer than 3 model sizes or not convex)")
-        elif not par.inside:
-            _warn(messages, f"approach 2: budget {c:.3g} FLOPs skipped: parabola minimum N={par.n_opt:.3g} lies outside the sampled sizes")
-        else:
-            used.append(par)
-    if len(used) < 2:
-        raise AnalysisError(f"approach 2: only {len(used)} usable IsoFLOP budget(s); need >= 2")
-    cs = [q.budget for q in used]
-    n_law = ap.fit_power_law(cs, [q.n_opt for q in used])
-    d_law = ap.fit_power_law(cs, [q.tokens_opt for q in used])
-    boot_n, boot_d = [], []
-    for counts in counts_BR:
-        pb = [q for q in ap.fit_isoflop(groups, weights_R=counts.astype(float)) if q is not None and q.inside]
-        boot_n.append(_safe_power([q.budget for q in pb], [q.n_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
-        boot_d.append(_safe_power([q.budget for q in pb], [q.tokens_opt for q in pb]) if len(pb) >= 2 else (np.nan, np.nan))
-    out = _allocation_summary(n_law, d_law, budgets, boot_n, boot_d, percentiles)
-    n_interp = int((iso_pts["kind"] == "interpolated").sum())
-    out["method"] = (
-        f"parabola in ln N per IsoFLOP budget ({source}; final points within {tol:.3f} decades; "
-        f"curves interpolated onto budgets: {interpolate}, {n_interp} such points)"
-    )
-    out["budgets"] = [
-        {"flops": float(c), "fit": None if q is None else {k: getattr(q, k) for k in q.__dataclass_fields__}}
-        for c, q in zip(iso, parabolas)
-    ]
-    out["points"] = {
-        "budget": iso_pts["budget"].tolist(), "n_params": iso_pts["n_params"].tolist(),
-        "tokens": iso_pts["tokens"].tolist(), "loss": iso_pts["loss"].tolist(), "kind": iso_pts["kind"].tolist(),
-    }  # fmt: skip
-    return out
+_approach2 = approach2  # fit_points' argument approach2 (the method) shadows the name
 
 
 def approach3(pts: Points, budgets, counts_BR, seed, percentiles=DEFAULT_PERCENTILES):
@@ -214,16 +161,18 @@ def _min_by_key(key, x, loss):
     return x[first], best
 
 
-def _law_data(name: str, pts: Points, rows=None, frontier_fn=None):
-    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample, with repeats)."""
+def _law_data(name: str, pts: Points, rows=None, frontier_fn=None, selected=None):
+    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample, with repeats;
+    selected: kaplan.selection of the law)."""
     p = pts.points
     rows = np.arange(len(p)) if rows is None else np.asarray(rows)
     n_k, d, loss = (p[c].to_numpy(float)[rows] for c in ("n_params_kaplan", "tokens", "loss"))
-    if name.startswith("kaplan_N") and not name.startswith(("kaplan_ND", "kaplan_NS")):
-        x, y = _min_by_key(n_k, n_k, loss)  # best loss reached at each model size
-        return {"N": x}, y
-    if name.startswith("kaplan_D"):
-        x, y = _min_by_key(np.round(np.log10(d), 3), d, loss)  # best loss at each token count
+    if selected is not None:  # kaplan_N, kaplan_D: the frontier runs not limited by the other variable
+        keep = selected["use"][rows]
+        if selected["variable"] == "N":
+            x, y = _min_by_key(n_k[keep], n_k[keep], loss[keep])
+            return {"N": x}, y
+        x, y = _min_by_key(np.round(np.log10(d[keep]), 3), d[keep], loss[keep])
         return {"D": x}, y
     if name.startswith(("kaplan_C", "saturating_C")):
         include = np.zeros(len(p), bool)
@@ -246,8 +195,11 @@ def _law_data(name: str, pts: Points, rows=None, frontier_fn=None):
     raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
 
 
-def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False):
-    """Fit each named law; bootstrap warm-started from the full-data optimum."""
+def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False, unsupported=None):
+    """Fit each named law; bootstrap warm-started from the full-data optimum. Kaplan's L(N) and L(D)
+    are fitted on the runs they are defined on (analysis.kaplan); a law the data cannot support
+    goes into ``unsupported`` (name -> reason and candidate points) instead."""
+    unsupported = {} if unsupported is None else unsupported
     try:
         frontier_fn, _ = frontier_function(pts)
     except AnalysisError as err:
@@ -259,18 +211,26 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
     out = {}
     for name in laws:
         law = law_from_name(name)
+        sel = kaplan.selection(name, pts)
+        if sel is not None and sel["n_supported"] < len(law.param_names) + 1:
+            reason = kaplan.unsupported_reason(name, sel, len(law.param_names) + 1)
+            _warn(messages, f"law {name} not fitted: {reason}")
+            unsupported[name] = {"law": law.name, "formula": law.formula, "citation": law.citation, "reason": reason,
+                                 "data": {sel["variable"]: sel["evidence"]["value"], "loss": sel["evidence"]["loss"]}}  # fmt: skip
+            continue
         try:
-            x, y = _law_data(name, pts, frontier_fn=frontier_fn)
+            x, y = _law_data(name, pts, frontier_fn=frontier_fn, selected=sel)
             fitted = fit_law(law, y, **x)
         except AnalysisError as err:
             _warn(messages, f"law {name} skipped: {err}")
             continue
         res = fitted.to_dict()
+        res["fitted_on"] = sel["fitted_on"] if sel else LAW_DATA.get(name.partition("+")[0], "all runs")
         res["data"] = {k: v.tolist() for k, v in x.items()} | {"loss": y.tolist()}
         samples = {k: [] for k in law.param_names}
         for counts in tqdm(counts_BR, desc=f"bootstrap {name}", disable=not progress, leave=False):
             try:
-                xb, yb = _law_data(name, pts, np.repeat(np.arange(len(pts.points)), counts), frontier_fn)
+                xb, yb = _law_data(name, pts, np.repeat(np.arange(len(pts.points)), counts), frontier_fn, sel)
                 pb = fit_law(law, yb, theta0=fitted.theta, **xb).params
             except (AnalysisError, ValueError):
                 pb = {k: np.nan for k in law.param_names}
@@ -319,7 +279,7 @@ def default_budgets(flops) -> np.ndarray:
 
 def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
                interpolate="auto", n_bootstrap=1000, seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None,
-               extrapolation=True, progress=True) -> dict:  # fmt: skip
+               extrapolation=True, progress=True, approach2=isoflop.DEFAULT_METHOD) -> dict:  # fmt: skip
     """All requested fits on prepared points; returns the fits dict written to fits.json."""
     messages = list(pts.messages)
     approaches = tuple(str(a) for a in approaches)
@@ -332,6 +292,8 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
         law_from_name(name)  # unknown names fail before any fitting
     for name in beyond_laws:
         beyond.check_columns(name, pts.points)  # so do missing columns
+    if approach2 not in isoflop.METHODS:
+        raise AnalysisError(f"approach2={approach2!r} (--approach2); choose from {', '.join(isoflop.METHODS)}")
     if interpolate not in ("auto", "always", "never"):
         raise AnalysisError(f"interpolate={interpolate!r}; expected auto, always or never")
     for name, value in (("n_bootstrap (--bootstrap)", n_bootstrap), ("seed (--seed)", seed)):
@@ -358,8 +320,9 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
                 if a == "1":
                     out["approaches"]["1"] = approach1(pts, budgets, counts_BR, messages, percentiles=percentiles)
                 elif a == "2":
-                    out["approaches"]["2"] = approach2(pts, budgets, counts_BR, messages, isoflop_budgets=isoflop_budgets,
-                                                       interpolate=interpolate, percentiles=percentiles)  # fmt: skip
+                    out["approaches"]["2"] = _approach2(pts, budgets, counts_BR, messages, method=approach2, seed=seed + 2,
+                                                        isoflop_budgets=isoflop_budgets, interpolate=interpolate,
+                                                        percentiles=percentiles)  # fmt: skip
                 else:
                     out["approaches"]["3"], _ = approach3(pts, budgets, counts_BR, seed + 1, percentiles)
             except AnalysisError as err:
@@ -369,7 +332,8 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
             bar.update()
         if laws:
             bar.set_postfix_str("laws")
-            out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress)
+            out["laws_unsupported"] = {}
+            out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress, out["laws_unsupported"])
             bar.update()
         if beyond_laws:
             out["beyond"] = beyond.fit_all(pts.points, beyond_laws, counts_BR, percentiles)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
 
 from analysis import references
+from analysis.numbers import fmt as _g
 from analysis.parametric import derived
 from rundir import write_json_atomic, write_text_atomic
 
@@ -27,12 +27,6 @@ def compute_optimal_table(fits: dict) -> pd.DataFrame:
                 row[f"{q}_low"], row[f"{q}_high"] = iv.get("low"), iv.get("high")
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _g(x, digits=3):
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    return "0" if abs(x) < 1e-12 else f"{x:.{digits}g}"  # round-off such as -4e-17 reads as 0
 
 
 def _iv(res, key, digits=3):
@@ -66,8 +60,11 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
         f" loss = `{fits['loss_column']}`; C convention: `{fits['flops_convention']}`",
         f"- bootstrap: {fits['n_bootstrap']} resamples of runs, seed {fits['seed']}, intervals are the "
         f"{fits['percentiles'][0]:g}th–{fits['percentiles'][1]:g}th percentiles",
-        "",
     ]
+    a2 = fits.get("approaches", {}).get("2", {})
+    if a2.get("bootstrap_method"):
+        out.append(f"- Approach 2 resamples differently: {a2['bootstrap_method']}")
+    out += [""]
     if fits.get("warnings"):
         out += ["## Warnings", ""] + [f"- {w}" for w in fits["warnings"]] + [""]
     epoch = derived(references.EPOCH_APPROACH3)  # a = beta/(alpha+beta) of the published refit
@@ -83,6 +80,10 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
         f"| Kaplan et al. 2020 | {references.KAPLAN_N_OPT['exponent']} | 0.27 | N non-embedding |",
         "",
     ]
+    if a2.get("compare"):
+        others = ", ".join(f"{m} a = {_g(v)}" for m, v in a2["compare"].items())
+        out += [f"- Approach 2 located each IsoFLOP minimum with `{a2['approach2_method']}` (`--approach2`); the same "
+                f"budgets give {others} (parabola: the whole-profile fit of Hoffmann et al. 2022)", ""]  # fmt: skip
     a3 = fits.get("approaches", {}).get("3")
     if a3:
         p = a3["params"]
@@ -110,16 +111,21 @@ def report_markdown(fits: dict, table_md: str, figures: list[str]) -> str:
             )
         out.append("")
     if fits.get("laws"):
-        out += ["## Other laws (least squares on log loss)", "", "| law | formula | parameters | RMS log residual | points |",
-                "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        out += ["## Other laws (least squares on log loss)", "",
+                "| law | formula | parameters | RMS log residual | points | fitted on |",
+                "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for name, f in fits["laws"].items():
             prm = ", ".join(f"{k} = {_g(v, 4)}{_iv(f, k)}" for k, v in f["params"].items())
-            out.append(f"| {name} | {f['formula']} | {prm} | {f['rmse_log_loss']:.4f} | {f['n_points']} |")
+            out.append(f"| {name} | {f['formula']} | {prm} | {f['rmse_log_loss']:.4f} | {f['n_points']} | "
+                       f"{f.get('fitted_on', '')} |")  # fmt: skip
         out.append("")
         floorless = [name for name, f in fits["laws"].items() if 0 <= f["params"].get("E", 1.0) < 1e-6]
         if floorless:
             out += [f"- E went to its bound 0 in {', '.join(floorless)}: these runs show no irreducible loss "
                     "floor, so E is not identified here", ""]
+    if fits.get("laws_unsupported"):
+        out += ["## Laws these runs cannot support (not fitted)", ""]
+        out += [f"- {name} ({f['formula']}): {f['reason']}" for name, f in fits["laws_unsupported"].items()] + [""]
     from analysis.beyond import report_lines  # imports this module's helpers
 
     out += report_lines(fits)

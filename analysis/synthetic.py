@@ -22,18 +22,23 @@ TRUE_PARAMS = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 
 def isoflop_sweep(
     params=None, budgets=(1e18, 3e18, 1e19, 3e19, 1e20, 3e20, 1e21), n_sizes=7, spread_dex=0.8,
-    noise=0.01, curve_points=24, curve_noise=0.003, seed=0,
+    noise=0.01, curve_points=24, curve_noise=0.003, seed=0, centre_exponent=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(runs, curves) DataFrames in the load_runs layout, with flops_6N = 6 N D exactly.
 
     n_sizes model sizes per budget, log-spaced over +-spread_dex/2 decades around the true N_opt;
+    with centre_exponent e, around a planner's guess instead: the true N_opt at the middle budget
+    times (C / C_middle)^e (e = 0.5: a fixed tokens-per-parameter rule, as sweep specs use).
     noise: std of the multiplicative log-normal noise on final losses.
     """
     params = dict(TRUE_PARAMS if params is None else params)
     rng = np.random.default_rng(seed)
     runs, curves = [], []
+    c_mid = float(np.sqrt(np.min(budgets) * np.max(budgets)))
     for c in budgets:
         n_opt, _ = compute_optimal(params, c)
+        if centre_exponent is not None:
+            n_opt = compute_optimal(params, c_mid)[0] * (c / c_mid) ** centre_exponent
         for n in np.geomspace(n_opt * 10 ** (-spread_dex / 2), n_opt * 10 ** (spread_dex / 2), n_sizes):
             n = float(np.round(n))
             d = float(np.round(c / (6 * n)))

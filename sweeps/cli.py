@@ -184,6 +184,10 @@ def _add_fit_parser(sub: argparse._SubParsersAction) -> None:
                    help="compute budgets (FLOPs) for the compute-optimal table (default: decades up to 1000x the largest run)")  # fmt: skip
     p.add_argument("--isoflop-budgets", type=_flops, nargs="+", default=None,
                    help="Approach-2 IsoFLOP budgets (default: runs grouped by final FLOPs)")  # fmt: skip
+    p.add_argument("--approach2", default="local", choices=["local", "akima", "parabola"],
+                   help="Approach 2: how each IsoFLOP minimum is located: local (quadratic weighted around the "
+                        "minimum), akima (minimum of an Akima interpolant, Porian et al. 2024), parabola (whole "
+                        "profile, Hoffmann et al. 2022)")  # fmt: skip
     p.add_argument("--interpolate", default="auto", choices=["auto", "always", "never"],
                    help="Approach 2: interpolate training curves onto a budget (auto: only where < 3 runs end at it)")  # fmt: skip
     p.add_argument("--flops", default="auto", choices=["auto", "6N", "6N+attention", "6ND"],
@@ -226,7 +230,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 n_params=args.n_params, loss=args.loss,
                 exclude=args.exclude, n_bootstrap=args.bootstrap, seed=args.seed, holdout_flops=args.holdout_flops,
                 extrapolation=not args.no_extrapolation, figures_=not args.no_figures, progress=not args.quiet,
-                include_stale=args.include_stale,
+                include_stale=args.include_stale, approach2=args.approach2,
             )  # fmt: skip
     except analysis.AnalysisError as err:
         return _fail(str(err))
@@ -235,7 +239,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(f"wrote {fits['outputs']['report']}")
     for a, res in fits["approaches"].items():
         exp = res["a"] if a != "3" else res["derived"]["a"]
-        print(f"  approach {a}: N_opt ~ C^{exp:.3f}")
+        alt = "".join(f"; {m}: {v:.3f}" for m, v in res.get("compare", {}).items() if v is not None)
+        print(f"  approach {a}: N_opt ~ C^{exp:.3f}" + (f" ({res['approach2_method']}{alt})" if a == "2" else ""))
     for name, res in fits.get("beyond", {}).items():
         print(f"  {name}: " + ", ".join(f"{k} = {v:.4g}" for k, v in res["params"].items()))
     return 0

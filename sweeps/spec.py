@@ -465,6 +465,7 @@ _FIT_OPTION_CHECKS = {
     "budgets": _fit_budgets,
     "isoflop_budgets": _fit_budgets,
     "interpolate": _fit_choice(("auto", "always", "never")),
+    "approach2": _fit_choice(("local", "akima", "parabola")),
     "flops": _fit_choice(("auto", "6ND", *FLOP_CONVENTIONS)),
     "n_params": _fit_choice(lambda: _run_columns(prefix="n_params")),
     "loss": _fit_choice(lambda: _run_columns(suffix="_loss")),

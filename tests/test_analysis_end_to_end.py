@@ -39,7 +39,9 @@ def test_fit_path_writes_everything(fitted_sweep):
     assert 1 <= a3["n_starts_at_optimum"] <= a3["n_converged"] + 5
     assert set(a3["intervals"]) >= {"E", "A", "B", "alpha", "beta", "a", "b"}
     assert len(a3["intervals_at_budgets"]) == 2 and a3["intervals_at_budgets"][0]["N_opt"]["n"] == 12
-    assert set(on_disk["laws"]) == {"kaplan_N", "kaplan_D", "kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C"}
+    assert set(on_disk["laws"]) == {"kaplan_C", "kaplan_ND", "kaplan_NS", "saturating_C"}
+    # an IsoFLOP grid has no run that is not limited by data (L(N)) or by size (L(D)): said, not fitted
+    assert set(on_disk["laws_unsupported"]) == {"kaplan_N", "kaplan_D"}
     assert "mean_abs_relative_error" in on_disk["extrapolation"]
     # the failed run is named in a warning, in fits.json and in the report
     failed = runs.loc[2, "run"]
@@ -47,6 +49,7 @@ def test_fit_path_writes_everything(fitted_sweep):
     assert any(failed in w for w in on_disk["warnings"])
     report = (sweep / "report.md").read_text()
     assert failed in report and "Approach 3" in report and "![optimal](optimal.png)" in report
+    assert "Laws these runs cannot support" in report and "L(N) is the loss of models not limited by D" in report
     table = pd.read_csv(sweep / "compute_optimal.csv")
     assert len(table) == 2 * 3 and set(table["approach"]) == {1, 2, 3}
     assert (table["N_opt_low"] <= table["N_opt_high"]).all()
