@@ -91,6 +91,29 @@ def check_population_fits(cfg: Config, size: int, mode: str, available: tuple[in
     return need
 
 
+def member_datasets(cfgs: Sequence[Config]) -> list:
+    """Each member's TokenDataset, loaded once: a text corpus is one pool whatever ``data.seed``
+    (members get views that sample with their own seed); a synthetic source draws its pool from
+    the seed, so each distinct seed is loaded (generated) once."""
+    m, t = cfgs[0].model, cfgs[0].train
+    loaded: dict[int, Any] = {}
+
+    def load(data_cfg):
+        return load_dataset(data_cfg, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=t.progress)
+
+    out = []
+    for cfg in cfgs:
+        seed = cfg.data.seed
+        if seed not in loaded:
+            if loaded and not cfg.data.source.startswith("synthetic:"):
+                loaded[seed] = copy.copy(next(iter(loaded.values())))
+                loaded[seed].seed = seed
+            else:
+                loaded[seed] = load(cfg.data)
+        out.append(loaded[seed])
+    return out
+
+
 @dataclasses.dataclass
 class _Member:
     """Host-side state of one member: its run directory, data view, writers, losses, and where it is."""
@@ -143,6 +166,9 @@ class _LoopStepper:
     def state(self, i: int):
         return self.states[i]
 
+    def params(self, i: int):
+        return self.states[i]["params"]
+
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
         return jax.device_get(pending)
@@ -181,6 +207,9 @@ class _VmapStepper:
 
     def state(self, i: int):
         return jax.tree.map(lambda x: x[i], self.stacked)
+
+    def params(self, i: int):
+        return jax.tree.map(lambda x: x[i], self.stacked["params"])
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
@@ -233,7 +262,8 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
     """The population's training loop over members none of which is done yet."""
     cfg = cfgs[0]
     m, t = cfg.model, cfg.train
-    dataset = load_dataset(cfg.data, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=t.progress)
+    datasets = member_datasets(cfgs)
+    dataset = datasets[0]
     steps = total_steps(cfg)
     tokens_per_step = t.batch_size * m.seq_len
     hardware, versions = _environment()
@@ -241,11 +271,7 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
                   "varies": [k for k in POPULATION_KEYS if len({_value(c, k) for c in cfgs}) > 1]}  # fmt: skip
 
     members, states, graphdef = [], [], None
-    for i, (c, run_dir, name) in enumerate(zip(cfgs, run_dirs, run_names)):
-        view = dataset
-        if c.data.seed != dataset.seed:  # one data load; each member samples its own batches
-            view = copy.copy(dataset)
-            view.seed = c.data.seed
+    for i, (c, run_dir, name, view) in enumerate(zip(cfgs, run_dirs, run_names, datasets)):
         model = Transformer(m, rngs=nnx.Rngs(c.train.seed))
         graphdef, params = nnx.split(model)
         optimizer = make_optimizer(c.optim, steps)
@@ -351,7 +377,7 @@ def _log_member(mb: _Member, step: int, steps: int, record: dict, meter, eval_st
     mb.error = failure(step, mb.losses.last_train)
     if mb.error is None and is_eval_step(step, steps, t.eval_every):
         with meter.paused():
-            params = stepper.state(mb.index)["params"]
+            params = stepper.params(mb.index)
             record["eval_loss"] = mb.losses.add_eval(evaluate(eval_step, params, eval_set, micro_batch))
         mb.error = failure(step, mb.losses.last_train, mb.losses.last_eval)
     mb.log.write(record)

@@ -147,3 +147,19 @@ def test_the_mode_is_picked_per_device():
     assert population_mode("vmap", "cpu") == "vmap"
     with pytest.raises(ConfigError, match="choose one of auto, vmap, loop"):
         population_mode("parallel")
+
+
+@pytest.mark.parametrize("source", ["builtin:kjv", "synthetic:markov"])
+def test_each_member_samples_the_batches_of_its_own_data_seed(tmp_path, source):
+    """One load per pool: a text corpus is the same for every data.seed; a synthetic pool is drawn from it."""
+    from llm.data import load_dataset
+    from llm.population import member_datasets
+
+    extra = [f"data.source={source}"] + (["model.vocab_size=32", "data.dataset_tokens=4096"] if source.startswith("synthetic") else [])
+    cfgs = [_cfg(tmp_path / "cache", *extra, f"data.seed={s}", f"train.seed={i}") for i, s in enumerate([0, 7, 0])]
+    views = member_datasets(cfgs)
+    assert views[0] is views[2] and views[1] is not views[0]
+    for cfg, view in zip(cfgs, views):
+        alone = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=16, eval_tokens=256, progress=False)
+        np.testing.assert_array_equal(view.train_batch(3, 4), alone.train_batch(3, 4))
+    assert not np.array_equal(views[0].train_batch(3, 4), views[1].train_batch(3, 4))
