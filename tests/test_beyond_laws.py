@@ -234,3 +234,14 @@ def test_shipped_specs_fit_their_law(name):
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
     assert spec.fit.options["laws"] == (name,) and spec.fit.options["approaches"] == ()
+
+
+def test_load_reads_lr_and_batch_tokens_from_the_run_config(tmp_path):
+    from analysis import load_runs
+
+    run = tmp_path / "r0"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {seq_len: 64}\noptim: {lr: 0.006}\ntrain: {batch_size: 16}\n")
+    (run / "result.json").write_text(json.dumps({"status": "done", "n_params_total": 1e4, "tokens": 1e6, "final_eval_loss": 2.0}))
+    runs, _ = load_runs(run)
+    assert runs.loc[0, "lr"] == 0.006 and runs.loc[0, "batch_tokens"] == 16 * 64
