@@ -53,6 +53,11 @@ def near_optimal(flops, loss, fraction=NEAR_OPTIMAL, groups=None) -> np.ndarray:
     return loss <= best[groups] * (1.0 + fraction)
 
 
+def _on_edge(best, swept) -> bool:
+    """The best value is the smallest or largest of several swept: the optimum is not bracketed."""
+    return bool(np.unique(swept).size > 1 and (best <= swept.min() or best >= swept.max()))
+
+
 def _power_fit(x, y) -> tuple[float, float]:
     """(k, e) of y = k x^e by least squares on logs."""
     e, log_k = np.polyfit(np.log(x), np.log(y), 1)
@@ -77,7 +82,8 @@ def fit(flops, lr, batch_tokens, loss, fraction=NEAR_OPTIMAL) -> dict:
         sel = np.flatnonzero(groups == g)
         i = sel[np.argmin(loss[sel])]
         budgets.append({"flops": float(np.exp(np.mean(np.log(c[sel])))), "n_runs": int(sel.size),
-                        "best_lr": float(eta[i]), "best_batch_tokens": float(b[i]), "best_loss": float(loss[i])})  # fmt: skip
+                        "best_lr": float(eta[i]), "best_batch_tokens": float(b[i]), "best_loss": float(loss[i]),
+                        "lr_on_edge": _on_edge(eta[i], eta[sel]), "batch_on_edge": _on_edge(b[i], b[sel])})  # fmt: skip
     k_eta, e_eta = _power_fit(c[keep], eta[keep])
     if np.unique(b[keep]).size > 1:
         k_b, e_b = _power_fit(c[keep], b[keep])
@@ -162,6 +168,12 @@ def report_lines(res: dict) -> list[str]:
              "", "| C | runs | best lr | best batch (tokens) | best loss |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {b['flops']:.3g} | {b['n_runs']} | {b['best_lr']:.3g} | {b['best_batch_tokens']:.4g} | {b['best_loss']:.4f} |"
               for b in res["budgets"]]  # fmt: skip
+    lines.append("")
+    for key, what in (("lr_on_edge", "learning rate"), ("batch_on_edge", "batch size")):
+        edge = [f"{b['flops']:.3g}" for b in res["budgets"] if b.get(key)]
+        if edge:
+            lines.append(f"- the best {what} lies at the edge of the swept values at C = {', '.join(edge)}: the optimum "
+                         f"is not bracketed there, so the fitted {what} rule is a bound, not an estimate; widen the sweep")  # fmt: skip
     return lines + [""]
 
 

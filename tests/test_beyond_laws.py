@@ -202,6 +202,7 @@ def test_lr_scaling_recovers_the_rule_and_writes_a_recipe(lr_table, tmp_path):
     n = math.sqrt(1e18 / 120)  # a larger model at the same 20 tokens per parameter: C = 120 N^2
     assert lr_for_params(n, recipe) == pytest.approx(0.3 * 1e18**-0.125, rel=1e-5)
     assert batch_size_for_params(n, 1024, recipe) == 2 ** round(math.log2(0.29 * 1e18**0.327 / 1024))  # sequences
+    assert not any(b["lr_on_edge"] or b["batch_on_edge"] for b in res["budgets"])
     assert "## Learning rate and batch size" in (tmp_path / "report.md").read_text()
     assert [Path(p).name for p in beyond.draw_all(fits, tmp_path)] == ["lr_scaling.png", "lr_scaling.pdf"]
 
@@ -245,3 +246,14 @@ def test_load_reads_lr_and_batch_tokens_from_the_run_config(tmp_path):
     (run / "result.json").write_text(json.dumps({"status": "done", "n_params_total": 1e4, "tokens": 1e6, "final_eval_loss": 2.0}))
     runs, _ = load_runs(run)
     assert runs.loc[0, "lr"] == 0.006 and runs.loc[0, "batch_tokens"] == 16 * 64
+
+
+def test_lr_scaling_flags_an_optimum_on_the_grid_edge(lr_table):
+    from analysis import lr_scaling
+
+    t = pd.read_csv(lr_table).rename(columns={"n_params_total": "n_params"})
+    t["flops"], t["run"] = 6 * t["n_params"] * t["tokens"], [f"r{i}" for i in range(len(t))]
+    t = t[t["batch_tokens"] <= 0.29 * t["flops"] ** 0.327 * 1.0001]  # no batch above B_opt: its optimum is unbracketed
+    res = lr_scaling.fit_points(t, None, (10, 90))
+    assert all(b["batch_on_edge"] and not b["lr_on_edge"] for b in res["budgets"])
+    assert any("best batch size lies at the edge" in line for line in lr_scaling.report_lines(res))
