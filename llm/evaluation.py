@@ -32,6 +32,7 @@ every metric without JAX.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,6 +87,7 @@ def tokenizer_from_manifest(manifest: dict):
 # --------------------------------------------------------------------------- jitted primitives
 
 
+@functools.lru_cache(maxsize=16)  # one compiled function per architecture, shared by every Evaluator
 def make_score_fn(graphdef: nnx.GraphDef) -> Callable:
     """Jitted (params, tokens_BT, valid_BT) -> (logprob_BT1, correct_BT1), both [B, T-1].
 
@@ -106,6 +108,7 @@ def make_score_fn(graphdef: nnx.GraphDef) -> Callable:
     return jax.jit(score)
 
 
+@functools.lru_cache(maxsize=16)  # one compiled function per architecture, shared by every Evaluator
 def make_generate_fn(graphdef: nnx.GraphDef) -> Callable:
     """Jitted greedy decoding (params, tokens_BT, lengths_B, out_BM, n_new, stop_BS, done_B) -> (out_BM, n).
 
@@ -187,6 +190,7 @@ def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
     return logits_BSV, new_cache
 
 
+@functools.lru_cache(maxsize=16)  # one compiled function per architecture, shared by every Evaluator
 def make_cached_generate_fn(graphdef: nnx.GraphDef) -> Callable:
     """``make_generate_fn`` with a key/value cache: one forward pass over the prompts (prefill), then one
     token per step attending to the cached keys and values. Same signature and results."""
@@ -230,6 +234,27 @@ def make_cached_generate_fn(graphdef: nnx.GraphDef) -> Callable:
 def _args(request) -> tuple:
     """The argument tuple of a request: a plain tuple, or an lm-eval ``Instance`` (its ``.args``)."""
     return tuple(getattr(request, "args", request))
+
+
+def generation_request(request, max_length: int) -> tuple[str, list[str], int]:
+    """(context, stop strings, max new tokens) of a generate_until request: ``(context, until, max_tokens)``
+    or the harness's ``(context, {"until": [...], "max_gen_toks": n})`` (max_gen_toks defaults to 256);
+    max new tokens is capped at max_length - 1."""
+    a = _args(request)
+    if len(a) == 2 and isinstance(a[1], dict):
+        until, max_tokens = a[1].get("until", []), a[1].get("max_gen_toks", 256)
+    else:
+        _, until, max_tokens = a
+    until = [until] if isinstance(until, str) else list(until or [])
+    return a[0], until, min(int(max_tokens), max_length - 1)
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """``text`` up to (not including) the first occurrence of each non-empty stop string in turn."""
+    for s in until:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
 
 
 class Evaluator:
@@ -382,26 +407,13 @@ class Evaluator:
         """Greedy continuation text of each (context, until, max_tokens) request, cut before the first stop
         string: the harness's ``generate_until`` (its ``(context, {"until": [...], "max_gen_toks": n})``
         form is accepted; max_gen_toks defaults to 256, capped below max_length)."""
-        parsed = []
-        for r in requests:
-            a = _args(r)
-            if len(a) == 2 and isinstance(a[1], dict):
-                kw = a[1]
-                until = kw.get("until", [])
-                max_tokens = kw.get("max_gen_toks", 256)
-            else:
-                _, until, max_tokens = a
-            until = [until] if isinstance(until, str) else list(until or [])
-            max_tokens = min(int(max_tokens), self.max_length - 1)
-            parsed.append((self.encode(a[0]), until, max_tokens))
-        texts = []
-        for (_, until, _), ids in zip(parsed, self.generate_tokens(parsed)):
-            text = self.tokenizer.decode(ids)
-            for s in until:
-                if s and s in text:
-                    text = text[: text.index(s)]
-            texts.append(text)
-        return texts
+        parsed = [generation_request(r, self.max_length) for r in requests]
+        return self.generate_text([(self.encode(c), until, m) for c, until, m in parsed])
+
+    def generate_text(self, requests: Sequence[tuple[Sequence[int], Sequence[str], int]]) -> list[str]:
+        """``generate_tokens`` decoded and cut before each request's first stop string."""
+        outputs = self.generate_tokens(requests)
+        return [cut_at_stop(self.tokenizer.decode(ids), until) for (_, until, _), ids in zip(requests, outputs)]
 
 
 # --------------------------------------------------------------------------- run directories
@@ -491,10 +503,7 @@ def evaluate_items(evaluator: Evaluator, task, items, shots: int, seed: int, max
     prefix = len(evaluator.prefix) or 1
     records = []
     for i, (it, prompt, (ctx, cont), (lp, correct), new) in enumerate(zip(items, prompts, pairs, scores, outputs)):
-        text = evaluator.tokenizer.decode(new)
-        for s in task.stop:
-            if s and s in text:
-                text = text[: text.index(s)]
+        text = cut_at_stop(evaluator.tokenizer.decode(new), task.stop)
         rec = {
             "task": task.name, "item": i, "key": it.key, "shots": int(shots), "prompt": prompt, "target": it.target,
             "output": text, "target_tokens": cont, "output_tokens": evaluator.encode(text) if text else [],

@@ -125,21 +125,8 @@ def test_records_are_read_back_by_analysis(model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from llm.training import train
-
-    root = tmp_path_factory.mktemp("eval_run")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(get_task("add1").pretraining_text(400, seed=0)))
-    cfg = load_config(None, [
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.seq_len=64",
-        "train.batch_size=8", "train.steps=20", "train.log_every=5", "train.eval_every=10", "train.eval_tokens=512",
-        "train.checkpoint_every=10", "train.progress=false", "train.tensorboard=false", "optim.warmup_steps=2",
-        f"data.source=text:{corpus}", f"data.cache_dir={root / 'cache'}", "data.eval_fraction=0.1",
-    ])  # fmt: skip
-    result = train(cfg, root / "run")
-    assert result.status == "done", result.error
-    return root / "run"
+def run_dir(tiny_eval_run):
+    return tiny_eval_run  # tests/conftest.py: 20 steps, checkpoints at 10 and 20
 
 
 def test_cli_eval_then_emergence(run_dir, capsys):
