@@ -466,20 +466,22 @@ def load_run(run_dir, step: int | None = None, *, check_only: bool = False):
     return cfg, graphdef, state["params"], step, tokenizer_from_manifest(dataset.manifest)
 
 
-def resolve_tasks(tasks, cfg=None) -> list:
+def resolve_tasks(tasks, cfg=None, params=None) -> list:
     """Task objects from names (``"facts"``), (name, params) pairs or Task objects. A name the run mixed
     into pre-training (``data.tasks``) gets the params it was trained with, so memorised facts are the
-    same facts. ConfigError for unknown names (with a did-you-mean)."""
+    same facts; ``params`` ({name: {parameter: value}}) are applied over those, key by key.
+    ConfigError for unknown names (with a did-you-mean) and bad params."""
     from llm.tasks import Task, get_task
 
     mixed = getattr(getattr(cfg, "data", None), "tasks", None) if cfg is not None else None
     mixed_params = dict(getattr(mixed, "params", None) or {}) if mixed is not None else {}
+    params = params or {}
     out = []
     for t in tasks:
         if isinstance(t, Task):
             out.append(t)
         elif isinstance(t, str):
-            out.append(get_task(t, **dict(mixed_params.get(t) or {})))
+            out.append(get_task(t, **{**dict(mixed_params.get(t) or {}), **dict(params.get(t) or {})}))
         else:
             name, params = t
             out.append(get_task(name, **dict(params or {})))
@@ -518,30 +520,34 @@ def evaluate_items(evaluator: Evaluator, task, items, shots: int, seed: int, max
 
 
 def evaluate_tasks(run_dir, tasks, shots: int, step: int | None = None, n_items: int = 500, seed: int = 0, *,
-                   batch_size: int = 64, max_length: int | None = None, max_new_tokens: int | None = None,
-                   log: Callable[[str], None] | None = None) -> list[dict]:  # fmt: skip
+                   params: dict | None = None, batch_size: int = 64, max_length: int | None = None,
+                   max_new_tokens: int | None = None, log: Callable[[str], None] | None = None) -> list[dict]:  # fmt: skip
     """Evaluate a finished run on generated tasks, few-shot, and write its ``evals/`` records.
 
     run_dir: a run directory whose result.json says done. tasks: names (``"add3_reversed"``),
     (name, params) pairs or ``llm.tasks.Task`` objects; a name the run mixed into pre-training uses
-    the params of its ``data.tasks``. shots: demonstrations before each query. step: a kept
+    the params of its ``data.tasks``, with ``params`` ({name: {parameter: value}}, e.g.
+    ``{"facts": {"n_keys": 512}}``) applied over them. shots: demonstrations before each query. step: a kept
     checkpoint (default the final step). n_items: test items per task (fewer when the test split is
     smaller), drawn with ``seed`` (which also picks the demonstrations). max_length: longest sequence
     scored (default the model's seq_len; longer prompts lose their oldest tokens and the summary
     counts them). max_new_tokens: greedy tokens generated per item (default longest target + 4).
 
-    Writes ``evals/<task>.step<S>.jsonl`` and ``.summary.json`` per task and returns the summaries
-    (each with its ``records`` path). Bad input raises ConfigError before anything is written.
+    Writes ``evals/<task>.step<S>.jsonl`` and ``.summary.json`` per task (the summary records the
+    task's params; evaluating the task again with other params replaces both) and returns the
+    summaries (each with its ``records`` path). Bad input raises ConfigError before anything is written.
     """
-    from llm.tasks import Task
+    from llm.tasks import Task, check_task_params
     from rundir import write_eval_records
 
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
     if int(shots) < 0 or int(n_items) < 1:
         raise ConfigError(f"shots must be >= 0 and n_items >= 1, got shots={shots}, n_items={n_items}")
+    names = [getattr(t, "name", t if isinstance(t, str) else t[0]) for t in tasks]
+    params = check_task_params(params, names)
     cfg, _, _, step, _ = load_run(run_dir, step, check_only=True)  # cheap checks first
-    task_objs = resolve_tasks(tasks, cfg)
+    task_objs = resolve_tasks(tasks, cfg, params)
     items = {}
     for task in task_objs:  # draw items and check that the demonstrations exist, before loading the model
         try:

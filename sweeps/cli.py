@@ -358,6 +358,19 @@ def _task_list(text: str) -> list[str]:
     return names
 
 
+def _task_params(text: str) -> dict:
+    """argparse type: a YAML/JSON mapping of task name to parameters (checked against the tasks when the command runs)."""
+    from llm.typed_yaml import load_yaml_text
+
+    try:
+        value = load_yaml_text(text, "--task-params")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{facts: {{n_keys: 512}}}}', got {text!r}")
+    return value
+
+
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -367,12 +380,14 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
             "test item, the target's teacher-forced per-token log-probabilities and argmax correctness, and the\n"
             "greedy output up to the task's stop string. Writes RUN_DIR/evals/<task>.step<S>.jsonl (one record\n"
             "per item) and <task>.step<S>.summary.json; `chinchax emergence` scores them.\n"
-            "A task the run mixed into pre-training (data.tasks) is built with the params it was trained with.\n\n"
+            "A task the run mixed into pre-training (data.tasks) is built with the params it was trained with;\n"
+            "--task-params sets parameters of any task (over the trained ones, key by key).\n\n"
             "Tasks: add1..add5, sub1..sub5, mul1, mul2 (each also _reversed), modadd, copy, recall, facts,\n"
             "unscramble, larger.\n\n"
             "Examples:\n"
             "  chinchax eval runs/d128 --tasks add3_reversed,facts --shots 4\n"
-            "  chinchax eval runs/d128 --tasks facts --shots 0 --step 400 --items 200"
+            "  chinchax eval runs/d128 --tasks facts --shots 0 --step 400 --items 200\n"
+            "  chinchax eval runs/d128 --tasks recall,copy --shots 2 --task-params '{recall: {n_pairs: 10}, copy: {length: 12}}'"
         ),
         formatter_class=_Formatter,
     )
@@ -382,6 +397,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=_count, default=None, help="checkpoint step to evaluate (default: the final step)")
     p.add_argument("--items", type=_positive_int, default=500, help="test items per task (fewer when the test split is smaller)")
     p.add_argument("--seed", type=_count, default=0, help="seed of the test items and their demonstrations")
+    p.add_argument("--task-params", type=_task_params, default=None, metavar="MAPPING",
+                   help="task parameters as YAML/JSON, e.g. '{facts: {n_keys: 512}}'; over a task's trained ones")  # fmt: skip
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward pass")
     p.add_argument("--max-length", type=_int_at_least(2), default=None,
                    help="longest sequence scored; longer prompts lose their oldest tokens (default: the model's seq_len)")  # fmt: skip
@@ -391,9 +408,13 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from llm.evaluation import evaluate_tasks
 
+    from llm.tasks import check_task_params
+
     _check_folder("RUN_DIR", args.run_dir)
+    check_task_params(args.task_params, args.tasks, "--task-params")
     summaries = evaluate_tasks(args.run_dir, args.tasks, args.shots, step=args.step, n_items=args.items,
-                               seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)  # fmt: skip
+                               seed=args.seed, params=args.task_params, batch_size=args.batch_size,
+                               max_length=args.max_length)  # fmt: skip
     from analysis.emergence_load import read_eval_records
     from analysis.emergence_metrics import item_scores
 

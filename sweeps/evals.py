@@ -3,8 +3,9 @@
 A run is evaluated on every task of the spec at its final step and at each of ``eval.steps``
 (checkpoints kept by training). An evaluation counts as done when its summary
 (``evals/<task>.step<S>.summary.json``, written last by ``rundir.write_eval_records``) exists with
-the spec's shots and seed; so re-running a sweep evaluates nothing new, and changing the shots or
-the seed re-evaluates. Changing only ``items`` does not (delete the run's evals/ to redo them).
+the spec's shots, seed and ``eval.params``; so re-running a sweep evaluates nothing new, and changing
+the shots, the seed or a task's params re-evaluates. Changing only ``items`` does not (delete the run's
+evals/ to redo them).
 
 The worker (``sweeps.worker``) evaluates right after training, in the same process (JAX and the
 compiled model code are warm), or, for a run finished before, alone. A failed evaluation leaves
@@ -54,13 +55,20 @@ def eval_steps(run_dir: str | Path, ev: Any) -> list[int]:
     return sorted(steps)
 
 
+def _is_current(summary: dict | None, ev: Any, task: str) -> bool:
+    """Whether an evaluation summary has the spec's shots, seed and params of ``task``."""
+    if summary is None or summary.get("shots") != int(ev.shots) or summary.get("seed") != int(ev.seed):
+        return False
+    done = summary.get("params") or {}
+    return all(done.get(key) == value for key, value in ((ev.params or {}).get(task) or {}).items())
+
+
 def missing_evals(run_dir: str | Path, ev: Any) -> list[tuple[str, int]]:
-    """(task, step) pairs of the spec's evaluation whose summary is absent or has other shots/seed."""
+    """(task, step) pairs of the spec's evaluation whose summary is absent or has other shots, seed or params."""
     missing = []
     for step in eval_steps(run_dir, ev):
         for task in ev.tasks:
-            summary = read_json_object(eval_summary_file(eval_file(run_dir, task, step)))
-            if summary is None or summary.get("shots") != int(ev.shots) or summary.get("seed") != int(ev.seed):
+            if not _is_current(read_json_object(eval_summary_file(eval_file(run_dir, task, step))), ev, task):
                 missing.append((task, step))
     return missing
 
@@ -96,8 +104,9 @@ def evaluate_run(run_dir: str | Path, ev: Any, log: Callable[[str], None] = prin
         from llm.evaluation import evaluate_tasks
 
         for step, tasks in sorted(by_step.items()):
+            params = {t: p for t, p in (ev.params or {}).items() if t in tasks}
             evaluate_tasks(run_dir, tasks, int(ev.shots), step=step, n_items=int(ev.items), seed=int(ev.seed),
-                           batch_size=int(ev.batch_size), log=log)  # fmt: skip
+                           params=params, batch_size=int(ev.batch_size), log=log)  # fmt: skip
     except Exception as err:  # a failed evaluation is recorded; the run stays done
         traceback.print_exc()
         error = f"{type(err).__name__}: {err}".strip()[:2000]

@@ -36,6 +36,7 @@ Expansion into runs lives in ``sweeps.plan``. Example::
       items: 500                   # test items per task
       seed: 0                      # draws the items and the demonstrations
       steps: [500, 1000]           # optional: checkpoints evaluated too (training must keep them)
+      params: {recall: {n_pairs: 10}}   # optional: task parameters (over those of base.data.tasks)
     # fit: {kind: emergence}       # instead of the scaling-law fit: analysis.emergence_path
 """
 
@@ -89,6 +90,7 @@ class EvalSpec:
     seed: int = 0  # draws the items and the demonstrations
     steps: tuple[int, ...] = ()  # checkpoints evaluated besides the final step (ability against step)
     batch_size: int = 64  # sequences per evaluation batch
+    params: dict[str, dict[str, Any]] | None = None  # per task: get_task parameters over its trained ones, e.g. {recall: {n_pairs: 10}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +297,7 @@ def spec_from_dict(data: Mapping[str, Any] | None, name: str | None = None) -> S
 
 def _check_eval(ev: EvalSpec) -> None:
     """Task names, counts and steps of the eval section, checked before any training."""
-    from llm.tasks import TASKS
+    from llm.tasks import TASKS, check_task_params
 
     if not ev.tasks:
         raise ConfigError("eval.tasks is empty: name at least one task (e.g. eval.tasks=[add3_reversed])")
@@ -311,6 +313,7 @@ def _check_eval(ev: EvalSpec) -> None:
             raise ConfigError(f"eval.{key} must be an integer >= {low}, got {value!r}")
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in ev.steps):
         raise ConfigError(f"eval.steps: expected training steps (integers >= 1), got {list(ev.steps)}")
+    check_task_params(ev.params, ev.tasks, "eval.params")
 
 
 def _check_emergence_options(options: Mapping[str, Any]) -> dict[str, Any]:

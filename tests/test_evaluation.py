@@ -152,6 +152,12 @@ def test_cli_eval_then_emergence(run_dir, capsys):
         (["--tasks", "add1", "--shots", "1", "--step", "7"], "no checkpoint at step 7; checkpoints kept: 10, 20"),
         (["--tasks", "add1", "--shots", "-1"], "argument --shots: expected an integer >= 0, got -1"),
         (["--tasks", ",", "--shots", "1"], "expected task names such as add3_reversed,facts"),
+        (["--tasks", "recall", "--shots", "1", "--task-params", "{recal: {n_pairs: 3}}"],
+         "--task-params: 'recal' is not among the tasks evaluated (recall) (did you mean 'recall'?)"),
+        (["--tasks", "recall", "--shots", "1", "--task-params", "{recall: {n_pair: 3}}"],
+         "--task-params: task 'recall' has no parameter 'n_pair' (did you mean 'n_pairs'?)"),
+        (["--tasks", "recall", "--shots", "1", "--task-params", "{recall: {n_pairs: 99}}"], "--task-params: task 'recall'"),
+        (["--tasks", "recall", "--shots", "1", "--task-params", "[3]"], "argument --task-params: expected a mapping"),
     ],
 )
 def test_cli_eval_bad_input_is_one_line_and_exit_2(run_dir, capsys, argv, message):
@@ -170,3 +176,35 @@ def test_cli_eval_refuses_an_unfinished_run(run_dir, tmp_path, capsys):
     assert "not a finished run (no result.json)" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path / "nope"), "--tasks", "add1", "--shots", "0"]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_cli_eval_task_params_for_a_task_the_run_was_not_trained_with(run_dir, tmp_path, capsys):
+    import shutil
+
+    from sweeps.evals import missing_evals
+    from sweeps.spec import EvalSpec
+
+    run = shutil.copytree(run_dir, tmp_path / "run")  # records of other params, without touching the shared run
+    argv = ["eval", str(run), "--tasks", "recall", "--shots", "1", "--items", "4", "--task-params", '{"recall": {"n_pairs": 3}}']
+    assert cli_main(argv) == 0
+    summary = json.loads((run / "evals" / "recall.step20.summary.json").read_text())
+    assert summary["params"] == {"n_pairs": 3, "value_len": 1, "test_fraction": 0.2}
+    for r in (json.loads(line) for line in (run / "evals" / "recall.step20.jsonl").read_text().splitlines()):
+        query = r["prompt"].rsplit("Q: ", 1)[1]
+        assert query.count("=") == 3  # three key-value pairs before the question
+    # A sweep's eval section with the same params counts the evaluation as done; other params redo it.
+    assert missing_evals(run, EvalSpec(tasks=("recall",), shots=1, params={"recall": {"n_pairs": 3}})) == []
+    assert missing_evals(run, EvalSpec(tasks=("recall",), shots=1, params={"recall": {"n_pairs": 4}})) == [("recall", 20)]
+    assert missing_evals(run, EvalSpec(tasks=("recall",), shots=1)) == []
+
+
+def test_resolve_tasks_applies_params_over_the_trained_ones():
+    from types import SimpleNamespace
+
+    from llm.evaluation import resolve_tasks
+
+    cfg = SimpleNamespace(data=SimpleNamespace(tasks=SimpleNamespace(params={"facts": {"n_keys": 64, "value_len": 4}})))
+    facts, add1 = resolve_tasks(["facts", "add1"], cfg, {"facts": {"value_len": 6}, "add1": {"test_fraction": 0.5}})
+    assert (facts.params["n_keys"], facts.params["value_len"]) == (64, 6)
+    assert add1.params == {"test_fraction": 0.5}
+    assert resolve_tasks(["facts"], cfg)[0].params["value_len"] == 4

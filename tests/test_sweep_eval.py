@@ -25,6 +25,21 @@ def test_eval_section_parses():
     assert spec.eval == EvalSpec(tasks=("facts", "add3_reversed"), shots=4, items=50, seed=0, steps=(10,))
     assert spec.fit.kind == "emergence" and spec.fit.options == {"n_params": "n_params_nonembed", "n_bootstrap": 100}
     assert spec_from_dict({**BASE, "fit": {}}).fit.kind == "scaling"  # the default keeps the Chinchilla fit
+    spec = spec_from_dict({**BASE, "eval": {"tasks": ["recall", "facts"], "params": {"recall": {"n_pairs": 10}}}})
+    assert spec.eval.params == {"recall": {"n_pairs": 10}}
+
+
+def test_worker_evaluates_with_the_spec_params(tmp_path, monkeypatch):
+    import llm.evaluation
+    from sweeps.evals import evaluate_run
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "done", "step": 8}))
+    calls = []
+    monkeypatch.setattr(llm.evaluation, "evaluate_tasks", lambda run_dir, tasks, shots, **kw: calls.append((tasks, kw)))
+    ev = EvalSpec(tasks=("recall", "add1"), shots=1, steps=(4,), params={"recall": {"n_pairs": 3}})
+    assert evaluate_run(tmp_path, ev, log=lambda _: None) is None
+    assert [(tasks, kw["step"], kw["params"]) for tasks, kw in calls] == [
+        (["recall", "add1"], 4, {"recall": {"n_pairs": 3}}), (["recall", "add1"], 8, {"recall": {"n_pairs": 3}})]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +52,12 @@ def test_eval_section_parses():
         ({"eval": {"tasks": ["facts"], "items": 0}}, "eval.items must be an integer >= 1, got 0"),
         ({"eval": {"tasks": ["facts"], "steps": [0]}}, "eval.steps: expected training steps"),
         ({"eval": {"tasks": ["facts"], "sots": 1}}, "unknown config key 'eval.sots' (did you mean 'shots'?)"),
+        ({"eval": {"tasks": ["facts"], "params": {"fact": {"n_keys": 9}}}},
+         "eval.params: 'fact' is not among the tasks evaluated (facts) (did you mean 'facts'?)"),
+        ({"eval": {"tasks": ["facts"], "params": {"facts": {"n_key": 9}}}},
+         "eval.params: task 'facts' has no parameter 'n_key' (did you mean 'n_keys'?)"),
+        ({"eval": {"tasks": ["facts"], "params": {"facts": 9}}}, "eval.params.facts: expected a mapping, got 9"),
+        ({"eval": {"tasks": ["recall"], "params": {"recall": {"n_pairs": 99}}}}, "eval.params: task 'recall'"),
         ({"fit": {"kind": "emergence"}}, "fit.kind=emergence scores the runs' evaluations: add an eval section"),
         ({"fit": {"kind": "emerge"}}, "fit.kind='emerge' is not allowed (did you mean 'emergence'?)"),
         ({"eval": {"tasks": ["facts"]}, "fit": {"kind": "emergence", "options": {"laws": ["x"]}}},

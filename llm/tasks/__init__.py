@@ -43,6 +43,7 @@ __all__ = [
     "PER_TOKEN_ACCURACY",
     "TASKS",
     "ConfigError",
+    "check_task_params",
     "Item",
     "Task",
     "corpus_words",
@@ -110,3 +111,29 @@ def get_task(name: str, **params) -> Task:
     assert task.name == name, (task.name, name)
     task.params = dict(bound.arguments)
     return task
+
+
+def check_task_params(params, names, where: str = "task params") -> dict[str, dict]:
+    """``params`` ({task: {parameter: value}}) as plain dicts, checked against the tasks ``names``.
+
+    ConfigError (one line, naming ``where``) when params is not such a mapping, names a task that
+    is not in ``names``, or a task rejects a parameter or value (``get_task`` builds each one).
+    """
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: expected a mapping of task name to parameters such as "
+                          f"{{facts: {{n_keys: 512}}}}, got {params!r}")  # fmt: skip
+    out = {}
+    for name, task_params in params.items():
+        if name not in names:
+            raise ConfigError(f"{where}: {name!r} is not among the tasks evaluated "
+                              f"({', '.join(map(str, names))}){did_you_mean(str(name), list(names))}")  # fmt: skip
+        if not isinstance(task_params, dict):
+            raise ConfigError(f"{where}: {name}: expected a mapping of parameter to value, got {task_params!r}")
+        try:
+            get_task(name, **task_params)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        out[str(name)] = dict(task_params)
+    return out
