@@ -398,7 +398,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=_positive_int, default=500, help="test items per task (fewer when the test split is smaller)")
     p.add_argument("--seed", type=_count, default=0, help="seed of the test items and their demonstrations")
     p.add_argument("--task-params", type=_task_params, default=None, metavar="MAPPING",
-                   help="task parameters as YAML/JSON, e.g. '{facts: {n_keys: 512}}'; over a task's trained ones")  # fmt: skip
+                   help="task parameters as YAML/JSON, e.g. '{recall: {n_pairs: 10}}'; over a task's trained ones")  # fmt: skip
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per forward pass")
     p.add_argument("--max-length", type=_int_at_least(2), default=None,
                    help="longest sequence scored; longer prompts lose their oldest tokens (default: the model's seq_len)")  # fmt: skip

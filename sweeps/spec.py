@@ -31,7 +31,7 @@ Expansion into runs lives in ``sweeps.plan``. Example::
     max_epochs: 4                  # most passes over the unique training data (more is a plan error)
     fit: {options: {flops: 6N+attention}}   # keyword arguments of analysis.fit_path
     eval:                          # evaluate every finished run on generated tasks (sweeps.evals)
-      tasks: [facts, add3_reversed]
+      tasks: [facts, add3_reversed, recall]
       shots: 4
       items: 500                   # test items per task
       seed: 0                      # draws the items and the demonstrations
