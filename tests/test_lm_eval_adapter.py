@@ -56,7 +56,8 @@ def test_loglikelihood_matches_the_model_by_hand(loaded):
     lm, _, forward = loaded
     eot = lm.eot_token_id
     enc = lambda s: lm.tok_encode(s, add_special_tokens=False)  # noqa: E731
-    (ll, greedy), (ll_empty, _) = lm.loglikelihood(requests("loglikelihood", (PROMPTS[0], " 7"), ("", "abc")), disable_tqdm=True)
+    pairs = requests("loglikelihood", (PROMPTS[0], " 7"), ("", "abc"))
+    (ll, greedy), (ll_empty, _) = lm.loglikelihood(pairs, disable_tqdm=True)
     ids = [eot, *enc(PROMPTS[0] + " 7")]
     assert ll == pytest.approx(hand_logprob(forward, ids, len(ids) - 2), abs=1e-4)  # " " and "7" both scored
     assert ll_empty == pytest.approx(hand_logprob(forward, [eot, *enc("abc")], 1), abs=1e-4)
@@ -98,13 +99,13 @@ def test_the_harness_evaluates_a_local_task_file(run_dir, loaded, tmp_path):
 
     _, ev, _ = loaded
     outputs = ev.generate_until([(p, ["\n"], 4) for p in PROMPTS])
-    gen_docs = [{"question": p, "answer": out if i % 2 == 0 else out + "x"} for i, (p, out) in enumerate(zip(PROMPTS, outputs))]
+    gen_docs = [{"question": p, "answer": out if i % 2 == 0 else out + "x"}
+                for i, (p, out) in enumerate(zip(PROMPTS, outputs))]  # fmt: skip
     choices = ["1", "2", "3"]
-    mc_docs = []
-    for i, p in enumerate(PROMPTS):
-        lls = [ll for ll, _ in ev.loglikelihood([(p, " " + c) for c in choices])]
-        best = int(np.argmax(lls))
-        mc_docs.append({"question": p, "choices": choices, "gold": best if i % 2 == 0 else (best + 1) % 3})
+    lls = np.array([ll for ll, _ in ev.loglikelihood([(p, " " + c) for p in PROMPTS for c in choices])]).reshape(4, 3)
+    best = lls.argmax(axis=1)
+    mc_docs = [{"question": p, "choices": choices, "gold": int(b if i % 2 == 0 else (b + 1) % 3)}
+               for i, (p, b) in enumerate(zip(PROMPTS, best))]  # fmt: skip
     for name, docs in (("gen", gen_docs), ("mc", mc_docs)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
 
@@ -129,5 +130,4 @@ def test_the_harness_evaluates_a_local_task_file(run_dir, loaded, tmp_path):
     assert [s["filtered_resps"][0] for s in gen] == outputs
     mc = sorted(out["samples"]["chinchax_test_mc"], key=lambda s: s["doc_id"])
     got = [[float(r[0]) for r in s["filtered_resps"]] for s in mc]
-    want = [[ll for ll, _ in ev.loglikelihood([(p, " " + c) for c in choices])] for p in PROMPTS]
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(got, lls, atol=1e-4)
