@@ -10,7 +10,8 @@ cooldown branch start from the longer run's checkpoint (``sweeps.plan``).
 
 from __future__ import annotations
 
-from llm.config import OptimConfig
+from llm.config import Config, OptimConfig, total_steps, without_execution_keys
+from llm.typed_yaml import to_dict
 
 
 def warmup_steps(cfg: OptimConfig, total: int) -> int:
@@ -35,3 +36,28 @@ def decay_start(cfg: OptimConfig, total: int) -> int:
     if rest < 1:
         return warmup_steps(cfg, total)
     return total - 1 - decay_steps(cfg, total)
+
+
+def branch_mismatch(parent: Config, branch: Config, step: int) -> str | None:
+    """Why ``branch`` cannot start from ``parent``'s state after ``step`` updates, or None when it can.
+
+    It can when both are wsd runs of the same model, data, optimiser and seeds (only the
+    length differs), both warm up alike, and ``step`` comes before either's cooldown: then
+    updates 0..step-1 are the same in both, so the branch ends exactly as an independent run.
+    """
+    def rest(cfg: Config) -> dict:
+        data = without_execution_keys(to_dict(cfg))
+        data["train"].pop("steps"), data["train"].pop("tokens")
+        return data
+
+    if parent.optim.schedule != "wsd" or branch.optim.schedule != "wsd":
+        return "cooldown branches need optim.schedule=wsd in both runs"
+    if rest(parent) != rest(branch):
+        return "the runs differ in more than their length (train.steps / train.tokens)"
+    p_total, b_total = total_steps(parent), total_steps(branch)
+    if warmup_steps(parent.optim, p_total) != warmup_steps(branch.optim, b_total):
+        return (f"their warmups differ ({warmup_steps(parent.optim, p_total)} vs "
+                f"{warmup_steps(branch.optim, b_total)} updates: warmup is capped at half a run)")
+    if not 0 < step <= min(decay_start(parent.optim, p_total), decay_start(branch.optim, b_total)):
+        return f"step {step} is not before both cooldowns"
+    return None

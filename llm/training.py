@@ -30,7 +30,7 @@ from llm.config import Config, ConfigError, dump_config, total_steps, validate, 
 from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
-from rundir import CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
+from rundir import BRANCH_POINTS, CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
 from llm.logits import block_tokens, blockwise_logits
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
@@ -240,11 +240,25 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 
 
 
-def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> RunResult:
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    run_name: str | None = None,
+    branch_from: tuple[str | Path, int] | None = None,
+    branch_steps: tuple[int, ...] = (),
+) -> RunResult:
     """Train the model described by ``cfg`` and write ``run_dir`` per the run-directory contract.
 
     Re-running on the same ``run_dir`` resumes from its latest checkpoint (or returns at once
     when result.json already says done). Bad input raises ConfigError before anything is written.
+
+    Cooldown branches (wsd): ``branch_steps`` are steps at which this run keeps a checkpoint in
+    ``branch_points/`` for branches to start from. ``branch_from=(parent run dir, step)`` starts
+    this run from that checkpoint of the parent (its metrics up to ``step`` copied) instead of
+    from scratch; the result is the same as an independent run's (``llm.schedule.branch_mismatch``
+    says when that holds), and result.json records ``branch`` (parent name and step). When the
+    parent's checkpoint is missing the run trains from scratch, saying so on stderr.
     """
     validate(cfg)
     from llm.memory import check_fits  # a model that cannot fit is refused before anything is built or written
@@ -252,6 +266,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     run_dir = Path(run_dir)
     run_name = run_name or run_dir.name
     _check_same_config(run_dir, cfg)
+    parent = _branch_parent(cfg, branch_from)
     previous = read_result(run_dir)
     if previous is not None and previous.get("status") == "done":
         return RunResult("done", None, run_dir, previous)
@@ -286,15 +301,21 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
     from tqdm import tqdm
 
     with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
-        start, state, earlier_wall = _resume(checkpoints, state, run_dir)
+        start, state, meta = _resume_with_meta(checkpoints, state, run_dir)
+        if start == 0 and parent is not None:
+            start, state, meta = _start_branch(parent, state, run_dir)
+        earlier_wall, branch = float(meta.get("wall_time_s", 0.0)), meta.get("branch")
         losses = _losses_so_far(run_dir)
         meter = _Throughput(start)
         started = time.perf_counter()
 
         def save(at: int) -> None:
             meta = {"step": at, "tokens": at * tokens_per_step, "run_name": run_name,
-                    "wall_time_s": earlier_wall + time.perf_counter() - started}  # fmt: skip
+                    "wall_time_s": earlier_wall + time.perf_counter() - started, "branch": branch}  # fmt: skip
             with meter.paused():
+                if at in branch_steps:  # kept for the branches, apart from the resume rotation
+                    with Checkpoints(run_dir / BRANCH_POINTS, keep=None) as points:
+                        points.save(at, state, meta)
                 checkpoints.save(at, state, meta)
 
         def line(at: int, host: list[dict]) -> dict:  # the metrics.jsonl line for the steps since the last
@@ -327,7 +348,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
                     bar.set_postfix(loss=f"{losses.last_train:.3f}", eval=f"{losses.last_eval:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                     if error:
                         break
-                if should_checkpoint(step, steps, t.checkpoint_every):
+                if should_checkpoint(step, steps, t.checkpoint_every) or step in branch_steps:
                     save(step)
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint,
@@ -344,7 +365,7 @@ def train(cfg: Config, run_dir: str | Path, *, run_name: str | None = None) -> R
 
     result = run_result(summary, cfg, dataset, error=error, step=step, losses=losses,
                         wall_time_s=earlier_wall + time.perf_counter() - started,  # all attempts of this run
-                        tokens_per_s=meter.steady())  # fmt: skip
+                        tokens_per_s=meter.steady(), branch=branch)  # fmt: skip
     write_json_atomic(run_dir / RESULT, result)
     return RunResult(result["status"], error, run_dir, result)
 
@@ -372,8 +393,9 @@ def run_summary(cfg: Config, dataset, run_name: str, moe_kernel: str | None, har
 
 
 def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | None, step: int, losses: "_Losses",
-               wall_time_s: float, tokens_per_s: float | None) -> dict[str, Any]:  # fmt: skip
-    """result.json of a run that stopped after ``step`` (``error``: why it failed, None when done)."""
+               wall_time_s: float, tokens_per_s: float | None, branch: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """result.json of a run that stopped after ``step`` (``error``: why it failed, None when done;
+    ``branch``: the parent run and step of a wsd cooldown branch)."""
     batch_size = cfg.train.batch_size
     tokens = step * batch_size * cfg.model.seq_len
     return {
@@ -392,6 +414,7 @@ def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | No
         "best_eval_loss": losses.best_eval if math.isfinite(losses.best_eval) else None,
         "wall_time_s": wall_time_s,
         "tokens_per_s": tokens_per_s,
+        "branch": branch,  # {"parent": run name, "step": S}: started from the parent's checkpoint after S steps
     }
 
 
@@ -400,13 +423,59 @@ def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, A
 
     Metrics logged after that checkpoint are dropped; a run with no checkpoint starts over.
     """
+    start, state, meta = _resume_with_meta(checkpoints, state, run_dir)
+    return start, state, float(meta.get("wall_time_s", 0.0))
+
+
+def _resume_with_meta(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, dict[str, Any]]:
+    """``_resume`` with the checkpoint's whole meta (wall seconds of earlier attempts, branch); {} when none."""
     start = checkpoints.resume_step()
     if not start:
         (run_dir / METRICS).unlink(missing_ok=True)  # a run killed before its first checkpoint
-        return 0, state, 0.0
+        return 0, state, {}
     state, meta = checkpoints.restore(start, state)
     truncate_metrics(run_dir, start)
-    return start, state, float(meta.get("wall_time_s", 0.0))
+    return start, state, meta
+
+
+def _branch_parent(cfg: Config, branch_from: tuple[str | Path, int] | None) -> tuple[Path, int] | None:
+    """(parent run dir, step) of a cooldown branch, checked against the parent's config; ConfigError
+    when the branch could not end as an independent run would (llm.schedule.branch_mismatch)."""
+    if branch_from is None:
+        return None
+    from llm.config import load_config
+    from llm.schedule import branch_mismatch
+
+    parent_dir, step = Path(branch_from[0]), int(branch_from[1])
+    if not (parent_dir / CONFIG).exists():
+        raise ConfigError(f"cooldown branch: parent run {parent_dir} has no {CONFIG}")
+    problem = branch_mismatch(load_config(parent_dir / CONFIG), cfg, step)
+    if problem:
+        raise ConfigError(f"cooldown branch from {parent_dir} at step {step}: {problem}")
+    return parent_dir, step
+
+
+def _start_branch(parent: tuple[Path, int], state: Any, run_dir: Path) -> tuple[int, Any, dict[str, Any]]:
+    """Start a cooldown branch: the parent's state after ``step`` steps and its metrics up to there.
+
+    The parent keeps that state in branch_points/ (or, by chance, in checkpoints/); when it has
+    neither (a parent trained before the branch was planned, or one that failed early) the
+    branch trains from scratch, which ends in the same place at the full cost.
+    """
+    parent_dir, step = parent
+    for folder in (parent_dir / BRANCH_POINTS, parent_dir / CHECKPOINTS):
+        if (folder / str(step)).is_dir():
+            with Checkpoints(folder, keep=None) as points:
+                state, meta = points.restore(step, state)
+            break
+    else:
+        print(f"cooldown branch: {parent_dir} has no checkpoint at step {step}; training from scratch", file=sys.stderr)
+        return 0, state, {}
+    lines = (parent_dir / METRICS).read_text().splitlines() if (parent_dir / METRICS).exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
+    branch = {"parent": parent_dir.name, "step": step}
+    return step, state, {"wall_time_s": float(meta.get("wall_time_s", 0.0)), "branch": branch}
 
 
 @dataclasses.dataclass

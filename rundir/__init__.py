@@ -22,6 +22,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 CHECKPOINTS = "checkpoints"
+BRANCH_POINTS = "branch_points"  # checkpoints kept where cooldown branches start (wsd sweeps)
 EVALS = "evals"
 # evals/<task>.step<S>.jsonl (one record per item) and <task>.step<S>.summary.json beside it.
 EVAL_RECORDS_RE = re.compile(r"^(?P<task>.+)\.step(?P<step>\d+)\.jsonl$")
