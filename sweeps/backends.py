@@ -263,10 +263,14 @@ def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1) 
 
 
 def worker_command(config: Path, run_dir: Path, run_name: str, lock: Path, train_fn: str,
-                   eval_json: str | None = None) -> list[str]:  # fmt: skip
+                   eval_json: str | None = None, branch_from: tuple[Path, int] | None = None,
+                   branch_steps: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
     """The command that trains one run (``python -m sweeps.worker ...``); with ``eval_json`` (the
-    spec's eval section as JSON) it also evaluates the finished run."""
+    spec's eval section as JSON) it also evaluates the finished run. ``branch_from`` (main run dir,
+    step) and ``branch_steps`` are the wsd cooldown-branch arguments of ``llm.training.train``."""
     return [
         sys.executable, "-m", "sweeps.worker", "--config", str(config), "--run-dir", str(run_dir),
         "--run-name", run_name, "--lock", str(lock), "--train-fn", train_fn,
-    ] + (["--eval", eval_json] if eval_json else [])
+    ] + (["--eval", eval_json] if eval_json else []) + (
+        ["--branch-from", str(branch_from[0]), "--branch-step", str(branch_from[1])] if branch_from else []
+    ) + (["--branch-steps", ",".join(str(s) for s in branch_steps)] if branch_steps else [])

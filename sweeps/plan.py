@@ -45,6 +45,14 @@ class PlannedRun:
     budget: float | None  # isoflop C target, if any
     est_time_s: float
     epochs: float | None = None  # D over the unique training tokens; None when unknown at plan time
+    parent: str | None = None  # a wsd cooldown branch: the run it starts from ...
+    branch_step: int | None = None  # ... after this many of the parent's steps
+    branch_steps: tuple[int, ...] = ()  # a parent: steps at which it keeps a checkpoint for its branches
+
+    @property
+    def trained_flops(self) -> float:
+        """C this run computes itself: a branch only its cooldown (its ``flops`` count the shared prefix too)."""
+        return self.flops if self.branch_step is None else self.flops * (self.steps - self.branch_step) / self.steps
 
 
 # Unique training tokens of the builtin corpora with data.tokenizer=bytes and the default
@@ -350,7 +358,40 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
         runs.append(PlannedRun(name, cfg, dict(point), n, tokens, flops, steps, budget, est, epochs))
     if not runs:
         raise ConfigError("the spec expands to no runs")
-    return runs
+    return plan_branches(runs, spec.estimate.overhead_s) if spec.wsd_branches else runs
+
+
+def plan_branches(runs: list[PlannedRun], overhead_s: float = 0.0) -> list[PlannedRun]:
+    """Turn families of wsd runs that differ only in length into one main run plus cooldown branches.
+
+    The longest run of a family trains in full and keeps a checkpoint at the step where each
+    shorter run's cooldown begins (``llm.schedule.decay_start``); each shorter run starts from
+    that checkpoint and trains only its cooldown (Hägele et al. 2024). A run whose prefix would
+    differ from the main run's (another warmup: warmup is capped at half a run) stays independent.
+    """
+    from llm.schedule import branch_mismatch, decay_start
+
+    families: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        if run.config.optim.schedule == "wsd":
+            rest = {k: v for k, v in identity_changes(run.config).items() if k not in ("train.steps", "train.tokens")}
+            families.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(i)
+    out = list(runs)
+    for members in families.values():
+        main = runs[max(members, key=lambda i: runs[i].steps)]
+        steps = set()
+        for i in members:
+            run = runs[i]
+            step = decay_start(run.config.optim, run.steps)
+            if run is main or branch_mismatch(main.config, run.config, step) is not None:
+                continue
+            share = (run.steps - step) / run.steps
+            out[i] = dataclasses.replace(run, parent=main.name, branch_step=step,
+                                         est_time_s=(run.est_time_s - overhead_s) * share + overhead_s)  # fmt: skip
+            steps.add(step)
+        if steps:
+            out[runs.index(main)] = dataclasses.replace(main, branch_steps=tuple(sorted(steps)))
+    return out
 
 
 
@@ -378,8 +419,9 @@ def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
 
     epochs is D over the unique training tokens ("?" when unknown before the data is tokenised).
     """
+    branched = any(r.branch_step is not None for r in runs)
     header = ["name", "d_model", "n_layers", "n_heads", "d_ff", "N", "D", "epochs", f"C[{spec.convention}]", "steps",
-              "lr", "batch", "est"]  # fmt: skip
+              "lr", "batch", "est"] + (["branch"] if branched else [])  # fmt: skip
     rows = [
         [
             r.name,
@@ -395,18 +437,33 @@ def format_plan(spec: SweepSpec, runs: list[PlannedRun]) -> str:
             f"{r.config.optim.lr:.3g}",
             str(r.config.train.batch_size),
             format_duration(r.est_time_s),
-        ]
+        ] + ([_branch_cell(r)] if branched else [])
         for r in runs
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in [header] + rows]
     total = sum(r.est_time_s for r in runs)
+    independent = sum(r.flops for r in runs)
+    trained = sum(r.trained_flops for r in runs)
+    if branched:
+        n_branches = sum(r.branch_step is not None for r in runs)
+        lines.append(
+            f"{n_branches} runs are cooldown branches (C counts the prefix each stands on): the sweep trains "
+            f"C = {trained:.3g} FLOPs, against {independent:.3g} as independent runs ({100 * (1 - trained / independent):.0f}% saved)"
+        )
     lines.append(
-        f"{len(runs)} runs, N = {spec.recipe.count}, total C = {sum(r.flops for r in runs):.3g} FLOPs, "
+        f"{len(runs)} runs, N = {spec.recipe.count}, total C = {trained:.3g} FLOPs, "
         f"estimated {format_duration(total)} one run at a time at {spec.estimate.flops_per_s:.3g} FLOP/s "
         f"+ {spec.estimate.overhead_s:g}s per run"
     )
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _branch_cell(run: PlannedRun) -> str:
+    """The plan's branch column: "main@S1,S2" for a main run, "branch@S" for a branch (starts after S steps)."""
+    if run.branch_steps:
+        return "main@" + ",".join(str(s) for s in run.branch_steps)
+    return "" if run.branch_step is None else f"branch@{run.branch_step}"
 
 
 def isoflop_error(run: PlannedRun) -> float:

@@ -250,9 +250,17 @@ def initial_status(state: str, retry_failed: bool) -> str:
     return state
 
 
-def to_launch(status: dict[str, str], free: int) -> list[str]:
-    """The next runs to start: the first ``free`` queued runs, in spec order."""
-    return [name for name, st in status.items() if st == "queued"][: max(0, free)]
+def to_launch(status: dict[str, str], free: int, parents: dict[str, str] | None = None) -> list[str]:
+    """The next runs to start: the first ``free`` queued runs, in spec order.
+
+    A cooldown branch (``parents``: branch name -> main run name) waits while its main run is
+    still to train (queued, running, waiting); once that is done or failed it starts (from the
+    main run's checkpoint, or from scratch when there is none).
+    """
+    parents = parents or {}
+    ready = [name for name, st in status.items()
+             if st == "queued" and status.get(parents.get(name, ""), "done") not in ("queued", "running", "waiting")]  # fmt: skip
+    return ready[: max(0, free)]
 
 
 def after_exit(rc: int, result: dict | None) -> tuple[str, bool]:
@@ -328,7 +336,8 @@ class _Launch:
         """Start queued runs in the backend's free slots, a population's members together in one;
         a run locked meanwhile is waited for."""
         free = backend.free()
-        for name in to_launch(self.status, len(self.status)):
+        parents = {r.name: r.parent for r in self.runs if r.parent is not None}  # wsd branches wait for them
+        for name in to_launch(self.status, len(self.status), parents):
             if free <= 0:
                 break
             members = []
@@ -349,7 +358,9 @@ class _Launch:
         args = [(self.sweep_dir / ".configs" / f"{n}.yaml", self.sweep_dir / n, n, lock_path(self.sweep_dir, n)) for n in members]
         log = self.sweep_dir / "logs" / f"{members[0]}.log"
         if len(members) == 1:
-            cmd = worker_command(*args[0], self.train_fn, eval_json)
+            run = next(r for r in self.runs if r.name == members[0])
+            branch = None if run.parent is None else (self.sweep_dir / run.parent, run.branch_step)
+            cmd = worker_command(*args[0], self.train_fn, eval_json, branch_from=branch, branch_steps=run.branch_steps)
         else:
             cmd = population_command(args, self.population_fn, eval_json)
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -513,8 +524,10 @@ def run_sweep(
 def _population_units(launch: _Launch, sweep_dir: Path, backend_obj, parallel: int | None, gpus_per_run: int,
                       max_population: int) -> dict[str, list[str]]:  # fmt: skip
     """Run name -> the members of its population, for the queued runs that need training."""
+    # wsd main runs and cooldown branches train alone: a population keeps no branch points
     trainable = [(r.name, r.config) for r in launch.runs
-                 if launch.status[r.name] == "queued" and run_state(sweep_dir, r.name) != "done"]  # fmt: skip
+                 if launch.status[r.name] == "queued" and run_state(sweep_dir, r.name) != "done"
+                 and r.parent is None and not r.branch_steps]  # fmt: skip
     if backend_obj.name == "local":
         slots, fits = backend_obj.parallel, memory_fits(backend_obj.parallel, gpus_per_run)
     else:  # a cluster's slots and memory are not known here; the population checks its memory where it runs

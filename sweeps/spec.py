@@ -29,6 +29,8 @@ Expansion into runs lives in ``sweeps.plan``. Example::
     grid: {train.seed: [0, 1]}     # crossed with everything else
     dataset_tokens: [1e7]          # unique-token pool per run (repeated data)
     max_epochs: 4                  # most passes over the unique training data (more is a plan error)
+    wsd_branches: true             # with optim.schedule=wsd: runs that differ only in length branch their
+                                   # cooldowns off the longest one (sweeps.plan.plan_branches)
     fit: {options: {flops: 6N+attention}}   # keyword arguments of analysis.fit_path
     eval:                          # evaluate every finished run on generated tasks (sweeps.evals)
       tasks: [facts, add3_reversed, recall]
@@ -117,6 +119,7 @@ class SweepSpec:
     eval: EvalSpec | None = None
     estimate: EstimateSpec = EstimateSpec()
     max_epochs: float = 4.0  # most passes over the unique training data a run may plan (sweeps.plan.check_epochs)
+    wsd_branches: bool = True  # wsd runs differing only in length: one main run + cooldown branches (sweeps.plan.plan_branches)
 
 
 

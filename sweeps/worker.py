@@ -44,8 +44,12 @@ def load_train_fn(target: str) -> Callable[..., Any]:
 
 
 def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, train_target: str,
-            eval_spec: dict | None = None) -> int:  # fmt: skip
-    """Train one run under its lock, then evaluate it if ``eval_spec``; returns the process exit code."""
+            eval_spec: dict | None = None, branch: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Train one run under its lock, then evaluate it if ``eval_spec``; returns the process exit code.
+
+    ``branch`` holds the wsd cooldown-branch keyword arguments of the train function
+    (``branch_from``, ``branch_steps``), passed only when set.
+    """
     from llm.config import load_config
 
     try:
@@ -61,7 +65,7 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
             return EXIT_ALREADY_DONE
         try:
             cfg = load_config(config_path)
-            result = load_train_fn(train_target)(cfg, run_dir, run_name=run_name)
+            result = load_train_fn(train_target)(cfg, run_dir, run_name=run_name, **(branch or {}))
         except Exception as err:  # one run's failure must not take down the sweep
             traceback.print_exc()
             message = f"{type(err).__name__}: {err}".strip()
@@ -101,11 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lock", type=Path, required=True)
     p.add_argument("--train-fn", default="llm.training:train")
     p.add_argument("--eval", default=None, help="the spec's eval section as JSON: evaluate the finished run")
+    p.add_argument("--branch-from", type=Path, default=None, help="wsd cooldown branch: the main run's directory")
+    p.add_argument("--branch-step", type=int, default=None, help="wsd cooldown branch: the main run's step to start from")
+    p.add_argument("--branch-steps", default="", help="comma-separated steps at which to keep checkpoints for branches")
     args = p.parse_args(argv)
     # The sweep stops runs with SIGTERM: unwind like Ctrl-C so the lock and checkpoints close cleanly.
     interrupt_on_sigterm()
     eval_spec = json.loads(args.eval) if args.eval else None
-    return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn, eval_spec)
+    branch: dict[str, Any] = {}
+    if args.branch_from is not None:
+        branch["branch_from"] = (args.branch_from, args.branch_step)
+    if args.branch_steps:
+        branch["branch_steps"] = tuple(int(s) for s in args.branch_steps.split(","))
+    return run_one(args.config, args.run_dir, args.run_name, args.lock, args.train_fn, eval_spec, branch)
 
 
 if __name__ == "__main__":

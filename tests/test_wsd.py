@@ -111,3 +111,102 @@ def test_a_branch_inherits_the_parents_curve_up_to_its_step(branched):
     assert [r for r in lines if r["step"] <= step] == [r for r in parent_lines if r["step"] <= step]
     assert lines[-1]["step"] == 20
     assert (parent.run_dir / "branch_points" / str(step)).is_dir()
+
+
+# --------------------------------------------------------------------------- planning and launching branches
+
+
+def _grid_spec(**extra):
+    from sweeps.spec import spec_from_dict
+
+    data = {
+        "name": "wsd",
+        "base": {"model": {"seq_len": 16}, "data": {"source": "synthetic:markov"},
+                 "optim": {"schedule": "wsd", "warmup_steps": 2, "decay_fraction": 0.25},
+                 "train": {"batch_size": 2}},
+        "recipe": {"aspect_ratio": 32, "head_dim": 16, "round_to": 8},
+        "grid": {"n_params": [3e3, 1.2e4], "train.steps": [10, 20, 40]},
+        **extra,
+    }  # fmt: skip
+    return spec_from_dict(data)
+
+
+def test_the_plan_makes_one_main_run_per_size_and_branches_at_each_decay_start():
+    from sweeps.plan import expand, format_plan
+
+    runs = expand(_grid_spec())
+    assert len(runs) == 6
+    for size in (runs[:3], runs[3:]):
+        main = size[2]  # the 40-step run
+        assert main.parent is None and main.branch_step is None
+        # decay starts: 10 steps -> 10-1-round(0.25*7)=7, 20 -> 19-round(0.25*17)=15
+        assert main.branch_steps == (7, 15)
+        assert [(r.parent, r.branch_step) for r in size[:2]] == [(main.name, 7), (main.name, 15)]
+        # C of a branch counts its whole length; the sweep trains only its cooldown
+        assert size[0].flops == pytest.approx(main.flops / 4)
+        assert size[0].trained_flops == pytest.approx(size[0].flops * 3 / 10)
+    independent = sum(r.flops for r in runs)
+    trained = sum(r.trained_flops for r in runs)
+    assert trained == pytest.approx(independent * (40 + 3 + 5) / 70)
+    text = format_plan(_grid_spec(), runs)
+    assert f"C = {trained:.3g} FLOPs, against {independent:.3g} as independent runs (31% saved)" in text
+    assert "main@7,15" in text and "branch@15" in text
+
+
+def test_runs_that_cannot_share_a_prefix_stay_independent():
+    from sweeps.plan import expand
+
+    # warmup 8 is capped at 5 in the 10-step run: its first updates differ from the main run's;
+    # the 20-step run decays over round(0.2 * (20 - 8 - 1)) = 2 updates from update 17
+    runs = expand(_grid_spec(base={"model": {"seq_len": 16}, "data": {"source": "synthetic:markov"},
+                                   "optim": {"schedule": "wsd", "warmup_steps": 8}, "train": {"batch_size": 2}}))  # fmt: skip
+    assert [r.branch_step for r in runs[:3]] == [None, 17, None] and runs[2].branch_steps == (17,)
+    assert all(r.parent is None for r in expand(_grid_spec(wsd_branches=False)))
+    cosine = _grid_spec(base={"model": {"seq_len": 16}, "data": {"source": "synthetic:markov"}, "train": {"batch_size": 2}})
+    assert all(r.parent is None and not r.branch_steps for r in expand(cosine))
+
+
+def test_a_branch_is_launched_only_after_its_main_run():
+    from sweeps.runner import to_launch
+
+    parents = {"b1": "main", "b2": "main"}
+    status = {"b1": "queued", "b2": "queued", "main": "queued", "other": "queued"}
+    assert to_launch(status, 4, parents) == ["main", "other"]
+    assert to_launch({**status, "main": "running"}, 4, parents) == ["other"]
+    assert to_launch({**status, "main": "done"}, 1, parents) == ["b1"]
+    assert to_launch({**status, "main": "failed"}, 4, parents) == ["b1", "b2", "other"]  # then from scratch
+
+
+def recording_train(cfg, run_dir, *, run_name=None, branch_from=None, branch_steps=()):
+    """Stand-in for llm.training.train: records its branch arguments and whether the main run was done."""
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parent_done = branch_from is not None and (Path(branch_from[0]) / "result.json").exists()
+    record = {"branch_from": None if branch_from is None else [Path(branch_from[0]).name, branch_from[1]],
+              "branch_steps": list(branch_steps), "parent_done": parent_done, "status": "done", "step": 1}  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(record))
+
+    class Result:
+        status, error, result = "done", None, record
+
+    return Result()
+
+
+def test_the_sweep_trains_main_runs_first_and_passes_the_branch_points(tmp_path):
+    import json
+
+    from sweeps.runner import run_sweep
+
+    spec = _grid_spec(grid={"n_params": [3e3], "train.steps": [10, 20, 40]})
+    run_sweep(spec, tmp_path, train_fn=f"{__file__}:recording_train", parallel=2, progress=False,
+              cache_dir=None, poll_s=0.05, log=lambda m: None, fit=False)  # fmt: skip
+    runs = {r.name: r for r in __import__("sweeps.plan", fromlist=["expand"]).expand(spec)}
+    seen = {name: json.loads((tmp_path / name / "result.json").read_text()) for name in runs}
+    main = next(n for n, r in runs.items() if r.branch_steps)
+    assert seen[main]["branch_steps"] == [7, 15] and seen[main]["branch_from"] is None
+    for name, run in runs.items():
+        if run.parent:
+            assert seen[name]["branch_from"] == [main, run.branch_step] and seen[name]["parent_done"]
