@@ -1,0 +1,157 @@
+"""Start-up cost of one run: process start to first step, by phase, cold and warm compilation cache.
+
+    python benchmarks/startup.py [--repeats 3] [--quickstart]
+
+Each measurement is a fresh Python process that does what ``llm.training.train`` does before
+its first step: import jax/flax/llm, load the tokenised corpus, build the model and optimiser
+state, compile and run the first train step, compile and run the first evaluation. Three
+cases, each with its own JAX persistent compilation cache folder:
+
+- ``cold``: an empty cache (a shape never compiled on this machine);
+- ``warm``: the same run again (a re-run, or another seed of one shape);
+- ``other length``: the same shape for another number of steps (another token count or
+  isoflop budget of one model size: the programs that depend on the length compile again).
+
+The table gives wall and CPU seconds per phase (median over ``--repeats``). CPU seconds are
+the steadier number on shared cores. ``--quickstart`` also times the README's main job
+(``chinchax sweep run experiments/quickstart.yaml``, 12 runs and the fit) from an empty
+compilation cache and again with a new sweep folder and the cache it left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# The quickstart's C1e11 N=1.3e4 shape (experiments/quickstart.yaml), 490 steps.
+QUICKSTART_RUN = [
+    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=88", "model.seq_len=64",
+    "model.compute_dtype=float32", "data.source=builtin:kjv", "train.batch_size=16", "train.eval_tokens=16384",
+    "optim.warmup_steps=20", "train.progress=false", "train.tensorboard=false",
+]  # fmt: skip
+PHASES = ("imports", "data", "init", "first step", "first eval")
+
+
+def child(overrides: list[str], started: float) -> None:
+    """Run the start-up phases in this (fresh) process; print {phase: [wall s, cpu s]} as JSON."""
+    marks = [("start", started, 0.0)]  # the parent's clock at spawn: interpreter start counts as imports
+
+    def mark(name):
+        marks.append((name, time.time(), time.process_time()))
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from llm import training
+    from llm.config import load_config, total_steps
+    from llm.data import load_dataset
+    from llm.model import Transformer
+    from llm.optim import make_optimizer
+
+    mark("imports")
+    cfg = load_config(None, overrides)
+    m, t = cfg.model, cfg.train
+    dataset = load_dataset(cfg.data, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=False)
+    eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
+    mark("data")
+    graphdef, params = nnx.split(Transformer(m, rngs=nnx.Rngs(t.seed)))
+    optimizer = make_optimizer(cfg.optim, total_steps(cfg))
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    jax.block_until_ready(state)
+    mark("init")
+    step = training.make_train_step(graphdef, optimizer, cfg)
+    state, metrics = step(state, dataset.train_batch(0, t.batch_size))
+    jax.block_until_ready(metrics)
+    mark("first step")
+    training.evaluate(training.make_eval_step(graphdef), state["params"], eval_set, t.batch_size)
+    mark("first eval")
+    out = {name: [marks[i][1] - marks[i - 1][1], marks[i][2] - marks[i - 1][2]] for i, (name, _, _) in enumerate(marks) if i}
+    print(json.dumps(out))
+
+
+def measure(overrides: list[str], cache: Path) -> dict[str, list[float]]:
+    """One fresh process's phases with ``cache`` as the persistent compilation cache."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", json.dumps(overrides), str(time.time())]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def phases_table(repeats: int) -> str:
+    """Median wall / CPU seconds per phase for the cold, warm and other-length cases."""
+    cases: dict[str, list[dict]] = {"cold": [], "warm": [], "other length": []}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp) / "jax"
+            cases["cold"].append(measure(QUICKSTART_RUN + ["train.steps=490"], cache))
+            cases["warm"].append(measure(QUICKSTART_RUN + ["train.steps=490"], cache))
+            cases["other length"].append(measure(QUICKSTART_RUN + ["train.steps=1470"], cache))
+    lines = ["| phase | " + " | ".join(f"{c} wall s | {c} CPU s" for c in cases) + " |",
+             "| --- |" + " ---: |" * (2 * len(cases))]  # fmt: skip
+    for phase in PHASES + ("total",):
+        cells = []
+        for runs in cases.values():
+            pick = (lambda r: [sum(v[0] for v in r.values()), sum(v[1] for v in r.values())]) if phase == "total" else (lambda r: r[phase])
+            cells += [f"{statistics.median(pick(r)[0] for r in runs):.2f}", f"{statistics.median(pick(r)[1] for r in runs):.2f}"]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quickstart_table() -> str:
+    """Wall and CPU seconds of the quickstart main job: empty cache, then again (new sweep folder)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "jax")}
+        for i, case in enumerate(("empty compilation cache", "cache from the first launch")):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            began = time.time()
+            subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "run", str(REPO / "experiments/quickstart.yaml"),
+                            "--out", str(Path(tmp) / f"quickstart{i}")], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            fits = json.loads((Path(tmp) / f"quickstart{i}" / "fits.json").read_text())
+            rows.append(f"| {case} | {time.time() - began:.0f} | {cpu:.0f} | {_exponents(fits)} |")
+    return "\n".join(["| quickstart main job | wall s | CPU s | fitted exponents |", "| --- | ---: | ---: | --- |", *rows])
+
+
+def _exponents(fits: dict) -> str:
+    """N_opt ~ C^a and D_opt ~ C^b of each Chinchilla approach in fits.json."""
+    out = []
+    for key, fit in sorted((fits.get("approaches") or {}).items()):
+        values = fit.get("derived", fit) if isinstance(fit, dict) else {}
+        if isinstance(values.get("a"), (int, float)) and isinstance(values.get("b"), (int, float)):
+            out.append(f"A{key}: a={values['a']:.2f} b={values['b']:.2f}")
+    return "; ".join(out) or "-"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]), float(sys.argv[3]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quickstart", action="store_true", help="also time the quickstart main job (minutes)")
+    args = p.parse_args()
+    print(f"start-up of one quickstart run (N=1.3e4), median of {args.repeats}; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at start\n")
+    print(phases_table(args.repeats))
+    if args.quickstart:
+        print()
+        print(quickstart_table())
+
+
+if __name__ == "__main__":
+    main()
