@@ -30,7 +30,7 @@ from sweeps.spec import load_spec, spec_from_dict
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
-SHIPPED = ["quickstart", "chinchilla_isoflop", "kaplan_grid", "moe_vs_dense"]
+SHIPPED = ["quickstart", "chinchilla_isoflop", "kaplan_grid", "moe_vs_dense", "kaplan_grid_wsd"]
 TINY = Recipe(aspect_ratio=32, head_dim=16, round_to=8)
 
 
