@@ -34,7 +34,7 @@ class MoEConfig:
     d_ff_expert: int | None = None  # None: model.d_ff
     n_shared: int = 0  # always-on shared experts
     capacity_factor: float | None = None  # None: dropless; number: capacity dispatch (drops overflow)
-    grouped_matmul: str = "auto"  # dropless kernel: auto (blocked on CPU, ragged_dot on GPU/TPU) | ragged_dot | blocked
+    grouped_matmul: str = "auto"  # dropless kernel: auto (ragged_dot on TPU, blocked on CPU/GPU) | ragged_dot | blocked
     load_balance_coef: float = 0.01
     router_z_coef: float = 0.001
 

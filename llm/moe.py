@@ -56,18 +56,22 @@ def resolve_grouped_matmul(name: str, platform: str | None = None) -> str:
     """The dropless kernel that ``model.moe.grouped_matmul = name`` runs on ``platform``.
 
     "ragged_dot" and "blocked" are returned as given. "auto" (the default) is the
-    fastest correct one: "blocked" on CPU, where XLA lowers ragged_dot to a dense
-    product over all experts (n_experts / top_k times the useful FLOPs; a train step
-    of the default model with 8 experts, top-2, batch 16 on 2 shared CPU cores:
-    median 3.3 s ragged_dot vs 1.0 s blocked, 2.4-5x in each of 5 runs), and
-    "ragged_dot" on GPU/TPU, whose backends have a native grouped matmul.
+    fastest correct one we know of per platform: "ragged_dot" on TPU, whose backend has a
+    native grouped matmul, and "blocked" elsewhere. On CPU XLA lowers ragged_dot to a dense
+    product over all experts (n_experts / top_k times the useful FLOPs; a train step of the
+    default model with 8 experts, top-2, batch 16 on 2 shared CPU cores: median 3.3 s
+    ragged_dot vs 1.0 s blocked, 2.4-5x in each of 5 runs). On CUDA, jaxlib's XLA rewrites
+    ragged_dot into that same dense product (newer XLA hands the forward and input-gradient
+    products to a cuDNN grouped matmul, but still densifies the weight gradient), so
+    "blocked" is the choice there too until benchmarks/train_throughput.py --moe on a GPU
+    (benchmarks/gpu_ladder.sh) says otherwise.
     platform: "cpu" | "gpu" | "cuda" | "rocm" | "tpu"; None means ``jax.default_backend()``.
     """
     if name in GROUPED_MATMULS:
         return name
     if name != "auto":
         raise ValueError(f"grouped_matmul={name!r}; choose one of auto, {', '.join(GROUPED_MATMULS)}")
-    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged_dot"
+    return "ragged_dot" if (platform or jax.default_backend()) == "tpu" else "blocked"
 
 
 def moe_kernel(cfg: ModelConfig, platform: str | None = None) -> str | None:
