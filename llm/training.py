@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -330,13 +330,14 @@ def train(
         error = None
         step = completed = start
         try:
-            for step in range(start + 1, steps + 1):
-                state, step_metrics = train_step(state, dataset.train_batch(step - 1, t.batch_size))
+            batches = prefetch_to_device(lambda i: dataset.train_batch(i, t.batch_size), start, steps)
+            for step, batch in zip(range(start + 1, steps + 1), batches):
+                state, step_metrics = train_step(state, batch)
                 completed = step
                 pending.append(step_metrics)
                 bar.update(1)
                 if should_log(step, steps, t.log_every, t.eval_every):
-                    record = line(step, jax.device_get(pending))
+                    record = line(step, fetch_metrics(pending))
                     losses.last_train = record["train_loss"]
                     error = failure(step, losses.last_train)
                     if error is None and is_eval_step(step, steps, t.eval_every):
@@ -354,7 +355,7 @@ def train(
             # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint,
             # its metrics line first, so that metrics.jsonl reaches the step the checkpoint holds.
             if pending:
-                log.write(line(completed, jax.device_get(pending)))
+                log.write(line(completed, fetch_metrics(pending)))
             if completed > (checkpoints.latest_step() or 0):
                 bar.write(f"interrupted: saving a checkpoint at step {completed}; rerun the same command to resume")
                 save(completed)
@@ -416,6 +417,29 @@ def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | No
         "tokens_per_s": tokens_per_s,
         "branch": branch,  # {"parent": run name, "step": S}: started from the parent's checkpoint after S steps
     }
+
+
+def prefetch_to_device(make_batch: Callable[[int], np.ndarray], first: int, last: int) -> Iterator[jax.Array]:
+    """Batches ``first``..``last - 1`` from ``make_batch(i)``, each handed to ``jax.device_put`` at once.
+
+    The loop asks for batch i right after dispatching step i - 1, which runs asynchronously:
+    building batch i on the host and its (asynchronous) copy to the device both overlap
+    step i - 1, so the step never waits on the host for its input. Nothing is built further
+    ahead, so a data error (or an interrupt while building) comes after the steps before it
+    have been dispatched, as without prefetching.
+    """
+    for i in range(first, last):
+        yield jax.device_put(make_batch(i))
+
+
+def fetch_metrics(pending: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray]]:
+    """Per-step metrics kept on the device since the last log line, fetched in one transfer.
+
+    Stacking on the device first makes it one device-to-host copy per metric instead of
+    one per metric and step; the result is the same list of per-step dicts.
+    """
+    stacked = jax.device_get(jax.tree.map(lambda *values: jnp.stack(values), *pending))
+    return [{k: v[i] for k, v in stacked.items()} for i in range(len(pending))]
 
 
 def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, float]:
