@@ -20,7 +20,7 @@ from llm.config import EXECUTION_KEYS, Config, ConfigError, ModelConfig, MoEConf
 from llm.logits import block_tokens, blockwise_logits
 from llm.model import Transformer
 from llm.optim import make_optimizer
-from llm.training import cross_entropy, make_train_step
+from llm.training import cross_entropy, fetch_metrics, make_train_step, prefetch_to_device
 
 # The reference's shape of block (GELU, tied embeddings) in bfloat16.
 DENSE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=64, seq_len=16,
@@ -125,3 +125,24 @@ def test_scan_keeps_the_parameter_tree_and_the_levers_are_execution_keys():
     assert {"model.scan_layers", "model.logits"} <= set(EXECUTION_KEYS)
     with pytest.raises(ConfigError, match="model.logits='blocked' is not allowed.*blockwise"):
         load_config(overrides=["model.logits=blocked"])
+
+
+def test_prefetch_yields_every_batch_in_order_on_the_device_built_only_when_asked():
+    built = []
+
+    def make(i):
+        built.append(i)
+        return np.full((2, 3), i, np.int32)
+
+    batches = prefetch_to_device(make, 3, 6)
+    first = next(batches)
+    assert built == [3]  # batch 4 is built when the loop asks, after dispatching step 3
+    rest = list(batches)
+    assert [int(b[0, 0]) for b in [first, *rest]] == [3, 4, 5]
+    assert all(isinstance(b, jax.Array) for b in [first, *rest])
+
+
+def test_fetch_metrics_returns_the_per_step_values():
+    pending = [{"train_loss": jnp.float32(2.5 - i), "grad_norm": jnp.float32(i)} for i in range(3)]
+    fetched = fetch_metrics(pending)
+    assert [(float(m["train_loss"]), float(m["grad_norm"])) for m in fetched] == [(2.5, 0.0), (1.5, 1.0), (0.5, 2.0)]
