@@ -6,7 +6,8 @@
 Times ``jit(step).lower(state, batch).compile()`` of ``llm.training.make_train_step`` (the
 step ``chinchax train`` runs) on a small shape (d_model 128, 2 heads, vocab 256, seq 64,
 batch 4), so the figure is XLA's work on the program, not the arithmetic. Each repeat
-builds a fresh jit, so nothing comes from the compilation cache; the median is printed.
+builds a fresh jit, so nothing comes from the compilation cache; medians of wall and
+process CPU seconds are printed.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ from llm.optim import make_optimizer  # noqa: E402
 from llm.training import make_train_step  # noqa: E402
 
 
-def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> float:
-    """Seconds to lower and compile one fresh train step for ``model_cfg``."""
+def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> tuple[float, float]:
+    """(wall, process CPU) seconds to lower and compile one fresh train step for ``model_cfg``.
+
+    CPU seconds (all threads of this process) are the steadier figure on a shared machine.
+    """
     cfg = Config(model=model_cfg, train=TrainConfig(batch_size=batch_size, steps=10, tokens=None))
     graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(cfg.optim, 10)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     batch = jax.ShapeDtypeStruct((batch_size, model_cfg.seq_len + 1), jnp.int32)
     step = make_train_step(graphdef, optimizer, cfg)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step.lower(state, batch).compile()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,17 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     base = ModelConfig(d_model=128, n_heads=2, d_ff=512, vocab_size=256, seq_len=64, mlp="gelu", tie_embeddings=True)
     if args.moe_every:
         base = dataclasses.replace(base, moe=MoEConfig(n_experts=8, top_k=2, every=args.moe_every, d_ff_expert=256))
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; median of {args.repeats} compilations")
-    print(f"{'layers':>6} {'plain s':>9} {'scan s':>9}")
-    first = {}
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; median of {args.repeats} compilations "
+          "(plain and scan alternate, so load drifts hit both)")
+    print(f"{'layers':>6} {'plain wall s':>12} {'scan wall s':>11} {'plain CPU s':>11} {'scan CPU s':>10}")
+    first = None
     for n_layers in args.layers:
-        row = []
-        for scan in (False, True):
-            cfg = dataclasses.replace(base, n_layers=n_layers, scan_layers=scan)
-            row.append(statistics.median(compile_seconds(cfg) for _ in range(args.repeats)))
-        first.setdefault("plain", row[0]), first.setdefault("scan", row[1])
-        print(f"{n_layers:>6} {row[0]:>9.2f} {row[1]:>9.2f}   (x{row[0] / first['plain']:.2f}, x{row[1] / first['scan']:.2f} of the first row)", flush=True)
-
+        times = {False: [], True: []}
+        for _ in range(args.repeats):
+            for scan in (False, True):
+                times[scan].append(compile_seconds(dataclasses.replace(base, n_layers=n_layers, scan_layers=scan)))
+        row = [statistics.median(t[i] for t in times[scan]) for i in (0, 1) for scan in (False, True)]
+        first = first or row
+        ratios = ", ".join(f"{r / f:.2f}" for r, f in zip(row, first))
+        print(f"{n_layers:>6} {row[0]:>12.2f} {row[1]:>11.2f} {row[2]:>11.2f} {row[3]:>10.2f}   (x of the first row: {ratios})", flush=True)
 
 if __name__ == "__main__":
     main()
