@@ -525,8 +525,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-compile-cache", action="store_true", help="do not share JAX's persistent compilation cache")
     q.add_argument("--population", choices=("auto", "off"), default="auto",
                    help="auto: train runs that differ only in train.seed, data.seed, optim.lr or optim.weight_decay "
-                        "together in one process per backend slot (vmapped on a GPU/TPU, in turn on CPU), as many "
-                        "as --max-population and the slot's memory allow; off: every run in its own process")  # fmt: skip
+                        "together, in populations of at most --max-population runs that fit a slot's memory, at least "
+                        "one per slot (one process each; vmapped on a GPU/TPU, in turn on CPU); off: every run in its "
+                        "own process")  # fmt: skip
     q.add_argument("--max-population", type=_positive_int, default=16, help="most runs trained as one population")
     q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
     q.add_argument("--population-fn", default="llm.population:train_population", help=argparse.SUPPRESS)
