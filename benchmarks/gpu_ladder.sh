@@ -7,7 +7,8 @@
 # else ./gpu_ladder_out) receives torch_reference.{json,txt}, chinchax_ladder.txt (both
 # variants, ratios against the reference measured just before), moe.txt and
 # compile_time.txt. PYTHON picks the interpreter (default: python). STEPS sets the timed
-# steps per row (default 20). PARTS picks what runs (default: "reference ladder moe compile");
+# steps per row (default 20). PARTS picks what runs (default: "reference ladder moe compile";
+# "population" adds benchmarks/population.py's tokens/s for P = 1..16, vmap and loop);
 # without "reference" the ladder compares against the issue's table.
 set -euo pipefail
 ref=${1:?usage: benchmarks/gpu_ladder.sh PATH/TO/torch_gpt_peer.py [OUT_DIR]}
@@ -29,6 +30,9 @@ if [[ $parts == *" ladder "* ]]; then
 fi
 if [[ $parts == *" moe "* ]]; then
   "$py" "$here/train_throughput.py" --full --moe --sizes 0 --variants levers --steps "$steps" | tee "$out/moe.txt"
+fi
+if [[ $parts == *" population "* ]]; then  # issue 12: vmapped populations, P = 1..16 (not in the default PARTS)
+  "$py" "$here/population.py" --no-sweep --steps "$steps" | tee "$out/population.txt"
 fi
 if [[ $parts == *" compile "* ]]; then
   "$py" "$here/compile_time.py" --repeats 1 | tee "$out/compile_time.txt"
