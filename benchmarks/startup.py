@@ -10,7 +10,7 @@ cases, each with its own JAX persistent compilation cache folder:
 - ``cold``: an empty cache (a shape never compiled on this machine);
 - ``warm``: the same run again (a re-run, or another seed of one shape);
 - ``other length``: the same shape for another number of steps (another token count or
-  isoflop budget of one model size: the programs that depend on the length compile again).
+  isoflop budget of one model size): only the small learning-rate program compiles again.
 
 The table gives wall and CPU seconds per phase (median over ``--repeats``). CPU seconds are
 the steadier number on shared cores. ``--quickstart`` also times the README's main job
@@ -70,7 +70,7 @@ def child(overrides: list[str], started: float) -> None:
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     jax.block_until_ready(state)
     mark("init")
-    step = training.make_train_step(graphdef, optimizer, cfg)
+    step, _ = training.make_run_step(graphdef, cfg, total_steps(cfg))
     state, metrics = step(state, dataset.train_batch(0, t.batch_size))
     jax.block_until_ready(metrics)
     mark("first step")

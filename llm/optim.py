@@ -76,14 +76,16 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Gradient clipping (global norm) then AdamW with the run's schedule."""
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, schedule_fn: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Gradient clipping (global norm) then AdamW with the run's schedule, or ``schedule_fn`` (count -> lr)."""
     parts = []
     if cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(
         optax.adamw(
-            learning_rate=learning_rate_schedule(cfg, total_steps),
+            learning_rate=schedule_fn or learning_rate_schedule(cfg, total_steps),
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,

@@ -107,6 +107,26 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(train_step_fn(graphdef, optimizer, cfg), donate_argnums=0)
 
 
+def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int):
+    """(step, lr_at) for a run of ``total_steps``: ``step(state, tokens_BT1) -> (state, metrics)`` is
+    ``make_train_step``'s, with the same numbers, but its compiled program takes the learning rate
+    as an argument; ``lr_at(update)`` computes it from the run's schedule in a small program of its
+    own. So the train step compiles once per model shape, whatever the run length: the persistent
+    compilation cache serves runs of one shape with other token counts, budgets or learning rates.
+    """
+    lr_at = jax.jit(learning_rate_schedule(cfg.optim, total_steps))
+
+    def step_with_lr(state, tokens_BT1, lr):
+        return train_step_fn(graphdef, make_optimizer(cfg.optim, total_steps, lambda count: lr), cfg)(state, tokens_BT1)
+
+    step_jit = jax.jit(step_with_lr, donate_argnums=0)
+
+    def step(state, tokens_BT1):
+        return step_jit(state, tokens_BT1, lr_at(state["step"]))
+
+    return step, lr_at
+
+
 def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: Config):
     """The pure (state, tokens_BT1) -> (state, metrics) step, not jitted (llm.population vmaps it)."""
     loss_fn = make_loss_fn(graphdef, cfg.optim.z_loss_coef)
@@ -281,7 +301,6 @@ def train(
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(cfg.optim, steps)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-    schedule = learning_rate_schedule(cfg.optim, steps)
 
     # Nothing was written before this point: bad input leaves the run dir untouched.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +311,8 @@ def train(
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
     mfu_flops = counting.mfu_flops_per_token(m)  # the matmul FLOPs the hardware really does
-    train_step = make_train_step(graphdef, optimizer, cfg)
+    train_step, _ = make_run_step(graphdef, cfg, steps)
+    schedule = learning_rate_schedule(cfg.optim, steps)  # the logged lr, as it always was
     eval_step = make_eval_step(graphdef)
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
     micro_batch = t.batch_size // t.grad_accum  # eval fits wherever a training micro-batch does
