@@ -187,40 +187,6 @@ def isoflop_points(budgets, final_flops_R, final_loss_R, n_params_R, tokens_R, l
     return pd.DataFrame(rows, columns=["budget_index", "budget", "run_index", "n_params", "tokens", "loss", "kind"])
 
 
-@dataclasses.dataclass(frozen=True)
-class Parabola:
-    """loss = c2 x^2 + c1 x + c0 with x = ln N; minimum at x* = -c1 / (2 c2)."""
-
-    budget: float
-    c2: float
-    c1: float
-    c0: float
-    n_opt: float
-    tokens_opt: float
-    loss_opt: float
-    n_points: int
-    inside: bool  # minimum within the sampled N range
-
-
-def fit_parabola(budget, n_params, tokens, loss, weights=None) -> Parabola | None:
-    """Parabola in ln N through one IsoFLOP profile; None if < 3 distinct N or not convex."""
-    x = np.log(np.asarray(n_params, float))
-    if np.unique(x).size < 3:
-        return None
-    w = None if weights is None else np.sqrt(np.asarray(weights, float))
-    c2, c1, c0 = np.polyfit(x, np.asarray(loss, float), 2, w=w)
-    if not c2 > 0:
-        return None
-    xs = -c1 / (2 * c2)
-    # D at the optimum: line through (ln N, ln D) of this profile (exact for C = 6 N D)
-    s, i0 = np.polyfit(x, np.log(np.asarray(tokens, float)), 1, w=w)
-    return Parabola(
-        budget=float(budget), c2=float(c2), c1=float(c1), c0=float(c0), n_opt=float(np.exp(xs)),
-        tokens_opt=float(np.exp(i0 + s * xs)), loss_opt=float(c0 - c1 * c1 / (4 * c2)), n_points=int(x.size),
-        inside=bool(x.min() <= xs <= x.max()),
-    )  # fmt: skip
-
-
 def isoflop_groups(points: pd.DataFrame) -> list[tuple]:
     """Per budget (sorted): (budget, run_index, n_params, tokens, loss) arrays from isoflop_points."""
     return [
@@ -228,16 +194,3 @@ def isoflop_groups(points: pd.DataFrame) -> list[tuple]:
          g["tokens"].to_numpy(float), g["loss"].to_numpy(float))
         for _, g in points.groupby("budget_index", sort=True)
     ]  # fmt: skip
-
-
-def fit_isoflop(groups: list[tuple], weights_R=None) -> list[Parabola | None]:
-    """A parabola per budget of ``isoflop_groups(...)`` (weights_R: multiplicity of each run, for the bootstrap)."""
-    out = []
-    for budget, run_idx, n, d, loss in groups:
-        if weights_R is None:
-            out.append(fit_parabola(budget, n, d, loss))
-            continue
-        w = weights_R[run_idx]
-        keep = w > 0
-        out.append(fit_parabola(budget, n[keep], d[keep], loss[keep], w[keep]) if keep.any() else None)
-    return out

@@ -22,13 +22,14 @@ TRUE_PARAMS = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 
 def isoflop_sweep(
     params=None, budgets=(1e18, 3e18, 1e19, 3e19, 1e20, 3e20, 1e21), n_sizes=7, spread_dex=0.8,
-    noise=0.01, curve_points=24, curve_noise=0.003, seed=0, centre_exponent=None,
+    noise=0.01, curve_points=24, curve_noise=0.003, seed=0, centre_exponent=None, sizes=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(runs, curves) DataFrames in the load_runs layout, with flops_6N = 6 N D exactly.
 
     n_sizes model sizes per budget, log-spaced over +-spread_dex/2 decades around the true N_opt;
     with centre_exponent e, around a planner's guess instead: the true N_opt at the middle budget
     times (C / C_middle)^e (e = 0.5: a fixed tokens-per-parameter rule, as sweep specs use).
+    sizes: per budget, the model sizes to train (a sweep spec's grid; overrides the three above).
     noise: std of the multiplicative log-normal noise on final losses.
     """
     params = dict(TRUE_PARAMS if params is None else params)
@@ -39,7 +40,8 @@ def isoflop_sweep(
         n_opt, _ = compute_optimal(params, c)
         if centre_exponent is not None:
             n_opt = compute_optimal(params, c_mid)[0] * (c / c_mid) ** centre_exponent
-        for n in np.geomspace(n_opt * 10 ** (-spread_dex / 2), n_opt * 10 ** (spread_dex / 2), n_sizes):
+        grid = np.geomspace(n_opt * 10 ** (-spread_dex / 2), n_opt * 10 ** (spread_dex / 2), n_sizes)
+        for n in grid if sizes is None else sizes[c]:
             n = float(np.round(n))
             d = float(np.round(c / (6 * n)))
             name = f"C{c:.0e}_N{n:.3e}".replace("+", "")

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from analysis import approaches as ap
+from analysis import isoflop
 from analysis import pipeline
 from analysis.load import AnalysisError
 from analysis.prepare import prepare
@@ -89,13 +90,14 @@ def test_parabola_minimum_and_rejections():
     n = np.geomspace(1e7, 1e9, 7)
     x = np.log(n)
     x0 = np.log(1e8)
-    par = ap.fit_parabola(1e19, n, 1e19 / (6 * n), 2.0 + 0.05 * (x - x0) ** 2)
-    assert par.n_opt == pytest.approx(1e8, rel=1e-9) and par.loss_opt == pytest.approx(2.0)
-    assert par.tokens_opt == pytest.approx(1e19 / 6e8, rel=1e-9) and par.inside
-    assert ap.fit_parabola(1e19, n, n, 2.0 - 0.05 * (x - x0) ** 2) is None  # concave
-    assert ap.fit_parabola(1e19, n[:2], n[:2], [2.0, 2.1]) is None  # < 3 sizes
-    outside = ap.fit_parabola(1e19, n, n, 2.0 + 0.05 * (x - np.log(1e10)) ** 2)
-    assert not outside.inside
+    prof = isoflop.make_profile(1e19, n, 1e19 / (6 * n), 2.0 + 0.05 * (x - x0) ** 2)
+    xs, loss = isoflop.locate_minimum(prof, prof.log_loss, "parabola")
+    assert np.exp(xs) == pytest.approx(1e8, rel=1e-9) and loss == pytest.approx(2.0)
+    assert prof.tokens_at(xs) == pytest.approx(1e19 / 6e8, rel=1e-9) and prof.bracketed
+    concave = isoflop.make_profile(1e19, n, n, 2.0 - 0.05 * (x - x0) ** 2)
+    assert np.isnan(isoflop.locate_minimum(concave, concave.log_loss, "parabola")[0])
+    outside = isoflop.make_profile(1e19, n, n, 2.0 + 0.05 * (x - np.log(1e10)) ** 2)
+    assert not outside.bracketed  # lowest loss at the largest size
 
 
 def test_power_law_fit_is_exact_and_needs_two_budgets():
