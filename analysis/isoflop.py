@@ -425,8 +425,11 @@ def approach2(pts, budgets, warn, *, method=DEFAULT_METHOD, n_bootstrap=1000, se
     lc = np.log([p.budget for p in used])
     noise = loss_noise(used)
     sigma = noise["sigma"]
+    def weights_rng(m):  # one stream per method: a method's a does not depend on which one is reported
+        return np.random.default_rng([seed, METHODS.index(m)])
+
     rng = np.random.default_rng(seed)
-    x_star, loss_star, sd, w, weighted = _minima(used, method, sigma, rng)
+    x_star, loss_star, sd, w, weighted = _minima(used, method, sigma, weights_rng(method))
     if method != "parabola" and not weighted:
         warn(f"approach 2: no estimate of the minima's uncertainty ({noise['source']}); N_opt(C) fitted unweighted")
     sn, in_, sd_, id_ = (float(v[0]) for v in _laws(used, lc, x_star[None, :], w))
@@ -461,7 +464,7 @@ def approach2(pts, budgets, warn, *, method=DEFAULT_METHOD, n_bootstrap=1000, se
     for other in METHODS:
         if other == method:
             continue
-        xo, _, _, wo, _ = _minima(used, other, sigma, rng)
+        xo, _, _, wo, _ = _minima(used, other, sigma, weights_rng(other))
         ok = np.isfinite(xo)
         out["compare"][other] = float(weighted_lines(lc[ok], xo[None, ok], wo[ok])[0][0]) if ok.sum() >= 2 else None
     out["loss_noise"] = noise
