@@ -316,17 +316,19 @@ def _budget_points(pts, isoflop_budgets, interpolate, warn):
     p = pts.points
     n_r, d_r, c_r, l_r = (p[c].to_numpy(float) for c in ("n_params", "tokens", "flops", "loss"))
     names = p["run"].to_numpy()
-    members = None
+    members, curves_at, refused = None, None, 0
     if isoflop_budgets is not None:
         iso, source = np.asarray(isoflop_budgets, float), "given"
     else:
         groups, kept = budget_groups(c_r), []
         source = f"runs grouped by final FLOPs within {BUDGET_TOL_DEX} decades"
-        loss_RK = ap.curve_matrix(pts.curves, p, [g.budget for g in groups], flops_col="flops")[0] if pts.has_curves and groups else None
+        if pts.has_curves and groups:
+            curves_at = ap.curve_matrix(pts.curves, p, [g.budget for g in groups], flops_col="flops")
+        loss_RK = None if curves_at is None else curves_at[0]
         for j, g in enumerate(groups):
             late = g.members[np.abs(np.log10(c_r[g.members] / g.budget)) > BUDGET_TOL_DEX]
             if late.size == 0:
-                kept.append(g)
+                kept.append(j)
                 continue
             listed = ", ".join(f"{names[i]} ({c_r[i]:.4g})" for i in g.members)
             why = None
@@ -339,24 +341,28 @@ def _budget_points(pts, isoflop_budgets, interpolate, warn):
             if why:
                 warn(f"approach 2: runs {listed} end {g.spread_dex:.3f} decades apart in FLOPs, more than the "
                      f"{BUDGET_TOL_DEX} allowed for one budget; refused as a budget ({why})")  # fmt: skip
+                refused += 1
                 continue
             warn(f"approach 2: runs {listed} end {g.spread_dex:.3f} decades apart in FLOPs (more than "
                  f"{BUDGET_TOL_DEX}); budget {g.budget:.4g} FLOPs uses the training curves of the later ones "
                  "interpolated onto it")  # fmt: skip
-            kept.append(g)
-        iso = np.array([g.budget for g in kept])
-        members = [g.members for g in kept]
+            kept.append(j)
+        iso = np.array([groups[j].budget for j in kept])
+        members = [groups[j].members for j in kept]
+        if curves_at is not None:
+            curves_at = tuple(m[:, kept] for m in curves_at)
         if len(groups) < 2 and pts.has_curves:  # not an IsoFLOP grid
-            iso, members = _curve_budgets(pts), None
+            iso, members, curves_at = _curve_budgets(pts), None, None
             source = "log-spaced budgets spanned by >= 3 training curves"
     if iso.size < 2:
         raise AnalysisError(
             "approach 2 needs >= 2 IsoFLOP budgets with >= 3 runs each; the runs' FLOPs do not group "
             "that way (give --isoflop-budgets C1 C2 ... / isoflop_budgets=[...], or train an IsoFLOP grid)"
+            + (f"; {refused} group(s) of runs refused as budgets, see the warnings" if refused else "")
         )
     loss_RK = tok_RK = None
     if pts.has_curves:
-        loss_RK, tok_RK = ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
+        loss_RK, tok_RK = curves_at or ap.curve_matrix(pts.curves, p, iso, flops_col="flops")
     iso_pts = ap.isoflop_points(iso, c_r, l_r, n_r, d_r, loss_RK, tok_RK, tol_dex=BUDGET_TOL_DEX,
                                 interpolate=interpolate, members=members)  # fmt: skip
     return iso, iso_pts, source
