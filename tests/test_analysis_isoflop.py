@@ -184,5 +184,7 @@ def test_cli_approach2_flag(tmp_path):
     from sweeps import spec
 
     assert spec._FIT_OPTION_CHECKS["approach2"]("akima", "fit.options.approach2") == "akima"
-    assert "--approach2" in subprocess.run([sys.executable, "-m", "sweeps.cli", "fit", "-h"], capture_output=True,
-                                           text=True).stdout  # fmt: skip
+    with pytest.raises(spec.ConfigError, match="choose one of local, akima, parabola"):
+        spec._FIT_OPTION_CHECKS["approach2"]("cubic", "fit.options.approach2")
+    helptext = subprocess.run([sys.executable, "-m", "sweeps.cli", "fit", "-h"], capture_output=True, text=True).stdout
+    assert "--approach2 {" + ",".join(isoflop.METHODS) + "}" in helptext  # the CLI's literal choices are the methods
