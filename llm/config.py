@@ -34,6 +34,9 @@ class MoEConfig:
     d_ff_expert: int | None = None  # None: model.d_ff
     n_shared: int = 0  # always-on shared experts
     capacity_factor: float | None = None  # None: dropless; number: capacity dispatch (drops overflow)
+    # Expert parallelism, dropless routing: all-to-all slots per (source shard, expert) =
+    # ceil(ep_capacity_factor * shard tokens * top_k / n_experts); None: the shard's tokens (never drops)
+    ep_capacity_factor: float | None = None
     grouped_matmul: str = "auto"  # dropless kernel: auto (ragged_dot on TPU, blocked on CPU/GPU) | ragged_dot | blocked
     load_balance_coef: float = 0.01
     router_z_coef: float = 0.001
@@ -170,7 +173,7 @@ RANGES: dict[str, str] = {
     "model.d_ff": "> 0", "model.vocab_size": "> 0", "model.seq_len": "> 0",
     "model.rope_theta": "> 0", "model.norm_eps": "> 0", "model.init_std": "> 0",
     "model.moe.n_experts": "> 0", "model.moe.top_k": "> 0", "model.moe.every": "> 0", "model.moe.d_ff_expert": "> 0",
-    "model.moe.n_shared": ">= 0", "model.moe.capacity_factor": "> 0",
+    "model.moe.n_shared": ">= 0", "model.moe.capacity_factor": "> 0", "model.moe.ep_capacity_factor": "> 0",
     "model.moe.load_balance_coef": ">= 0", "model.moe.router_z_coef": ">= 0",
     "data.seed": "in [0, 2**63)", "data.dataset_tokens": "> 0", "data.eval_fraction": "in (0, 1)",
     "data.markov_alpha": "> 0", "data.markov_support": ">= 2",

@@ -148,7 +148,7 @@ IDENTITY_BASELINE: dict[str, Any] = {
     "model.init_std": 0.02, "model.compute_dtype": "bfloat16", "model.param_dtype": "float32",
     "model.remat": False, "model.moe": None,
     "model.moe.n_experts": 8, "model.moe.top_k": 2, "model.moe.every": 1, "model.moe.d_ff_expert": None,
-    "model.moe.n_shared": 0, "model.moe.capacity_factor": None, "model.moe.grouped_matmul": "ragged_dot",
+    "model.moe.n_shared": 0, "model.moe.capacity_factor": None, "model.moe.ep_capacity_factor": None, "model.moe.grouped_matmul": "ragged_dot",
     "model.moe.load_balance_coef": 0.01, "model.moe.router_z_coef": 0.001,
     "data.source": "builtin:english", "data.tokenizer": "bytes", "data.seed": 0, "data.dataset_tokens": None,
     "data.eval_fraction": 0.01, "data.cache_dir": None, "data.tfds_data_dir": None,
