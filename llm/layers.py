@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ModelConfig
+from llm.sharding import logical_param
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -39,16 +40,17 @@ def output_std(cfg: ModelConfig, fan_in: int) -> float:
     return input_std(cfg, fan_in) / math.sqrt(2 * cfg.n_layers)
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str) -> nnx.Param:
-    """An nnx.Param drawn from N(0, std^2) with the params stream of ``rngs``."""
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype_of(dtype)))
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str, names: tuple[str | None, ...]) -> nnx.Param:
+    """An nnx.Param drawn from N(0, std^2) with the params stream of ``rngs``, its axes named
+    ``names`` (logical axis names, llm.sharding.RULES)."""
+    return logical_param(std * jax.random.normal(rngs.params(), shape, dtype_of(dtype)), names)
 
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32, returned in the input dtype."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype: str):
-        self.scale_D = nnx.Param(jnp.ones((dim,), dtype_of(param_dtype)))
+        self.scale_D = logical_param(jnp.ones((dim,), dtype_of(param_dtype)), ("embed",))
         self.eps = eps
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -90,10 +92,10 @@ class MLP(nnx.Module):
         d = cfg.d_model
         self.kind = cfg.mlp
         self.compute_dtype = dtype_of(cfg.compute_dtype)
-        self.w_in_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype)
+        self.w_in_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype, ("embed", "mlp"))
         if cfg.mlp == "swiglu":
-            self.w_gate_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype)
-        self.w_out_FD = normal_param(rngs, (d_ff, d), output_std(cfg, d_ff), cfg.param_dtype)
+            self.w_gate_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype, ("embed", "mlp"))
+        self.w_out_FD = normal_param(rngs, (d_ff, d), output_std(cfg, d_ff), cfg.param_dtype, ("mlp", "embed"))
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
