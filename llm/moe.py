@@ -81,6 +81,7 @@ from jax.sharding import PartitionSpec as P
 from llm.config import ModelConfig
 from llm.grouped import GROUPED_MATMULS, block_layout, block_size, blocked_matmul
 from llm.layers import MLP, activation, dtype_of, input_std, normal_param, output_std
+from llm.sharding import logical_spec
 
 
 def resolve_grouped_matmul(name: str, platform: str | None = None) -> str:
@@ -130,19 +131,20 @@ def expert_capacity(capacity_factor: float | None, n_tokens: int, top_k: int, n_
 class MeshAxes:
     """The mesh axes the MoE layer's shard_map splits over.
 
-    batch: mesh axes of the token batch (data, fsdp, expert); expert: the mesh axis of
-    the experts' leading dim (None or size 1: no all-to-all); mlp: mesh axes of the
-    experts' hidden dim (tensor), whose partial outputs are summed with a psum.
+    batch: mesh axes of the token batch (data, fsdp, expert); expert: mesh axes of the
+    experts' leading dim (none: no all-to-all); mlp: mesh axes of the experts' hidden dim
+    (tensor), whose partial outputs are summed with a psum. Every expert axis must be a
+    batch axis: each expert shard routes its own tokens.
     """
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
     batch: tuple[str, ...] = ()
-    expert: str | None = None
+    expert: tuple[str, ...] = ()
     mlp: tuple[str, ...] = ()
 
-    def size(self, *names: str | None) -> int:
-        """Devices along the named mesh axes (None counts 1)."""
-        return math.prod(self.mesh.shape[n] for n in names if n is not None)
+    def size(self, names: tuple[str, ...]) -> int:
+        """Devices along the named mesh axes."""
+        return math.prod(self.mesh.shape[n] for n in names)
 
 
 class MoE(nnx.Module):
@@ -178,7 +180,7 @@ class MoE(nnx.Module):
         x_BTD = x_BTD.astype(self.compute_dtype)
         valid_BT = jnp.ones((b, t), bool) if valid_BT is None else jnp.asarray(valid_BT).astype(bool)
         weights = {name: getattr(self, name)[...] for name in _WEIGHTS if hasattr(self, name)}
-        mesh_axes = mesh_axes or context_mesh_axes()
+        mesh_axes = mesh_axes or context_mesh_axes(b, self.n_experts, self.w_in_EDF.shape[-1])
         if mesh_axes is None or mesh_axes.mesh.size == 1:
             y_BTD, sums = self._routed(x_BTD, valid_BT, weights, None)
         else:
@@ -189,17 +191,17 @@ class MoE(nnx.Module):
 
     def _sharded(self, x_BTD, valid_BT, weights, axes: MeshAxes):
         """``_routed`` inside shard_map: tokens split over axes.batch, experts over axes.expert."""
-        n_batch, n_ep = axes.size(*axes.batch), axes.size(axes.expert)
+        n_batch, n_ep = axes.size(axes.batch), axes.size(axes.expert)
         if x_BTD.shape[0] % n_batch:
             raise ValueError(f"MoE batch of {x_BTD.shape[0]} sequences does not split over the "
                              f"{n_batch} shards of mesh axes {axes.batch}")
         if self.n_experts % n_ep:
             raise ValueError(f"model.moe.n_experts={self.n_experts} is not divisible by the expert mesh axis "
-                             f"({axes.expert}={n_ep})")
-        batch_P = P(axes.batch or None)
-        mlp = axes.mlp or None
-        weight_P = {"router_DE": P(), "w_in_EDF": P(axes.expert, None, mlp), "w_gate_EDF": P(axes.expert, None, mlp),
-                    "w_out_EFD": P(axes.expert, mlp, None)}
+                             f"({' x '.join(axes.expert)} = {n_ep})")
+        batch_P, expert, mlp = P(axes.batch or None), axes.expert or None, axes.mlp or None
+        # the embed dim of the weights (FSDP) is gathered on entry; the gradient is reduce-scattered back
+        weight_P = {"router_DE": P(), "w_in_EDF": P(expert, None, mlp), "w_gate_EDF": P(expert, None, mlp),
+                    "w_out_EFD": P(expert, mlp, None)}
 
         def local(x_BTD, valid_BT, weights):
             y_BTD, sums = self._routed(x_BTD, valid_BT, weights, axes)
@@ -263,22 +265,27 @@ class MoE(nnx.Module):
 _WEIGHTS = ("router_DE", "w_in_EDF", "w_gate_EDF", "w_out_EFD")
 
 
-def context_mesh_axes() -> MeshAxes | None:
-    """MeshAxes of the mesh set with ``jax.set_mesh`` (None when there is none or it has one device).
+def context_mesh_axes(n_rows: int, n_experts: int, d_ff: int) -> MeshAxes | None:
+    """MeshAxes of the mesh set with ``jax.set_mesh``, by llm.sharding's rules, for a batch of ``n_rows``.
 
-    Mesh axes by logical name: batch over (data, fsdp, expert), experts over expert,
-    the expert hidden dim over tensor; axes the mesh lacks are left out.
+    None (the one-device code, partitioned by XLA) when no mesh of more than one device is set,
+    or when the batch rows cannot be split over the expert axes (the all-to-all needs each
+    expert shard to hold its own tokens).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
-    present = tuple(mesh.axis_names)
-    return MeshAxes(
-        mesh=mesh,
-        batch=tuple(a for a in ("data", "fsdp", "expert") if a in present),
-        expert="expert" if "expert" in present else None,
-        mlp=tuple(a for a in ("tensor",) if a in present),
-    )
+    sizes = dict(mesh.shape)
+
+    def axes(name: str, dim: int) -> tuple[str, ...]:  # the mesh axes llm.sharding gives one dim
+        entry = logical_spec((name,), sizes, (dim,))
+        entry = entry[0] if len(entry) else None
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    batch, expert = axes("batch", n_rows), axes("expert", n_experts)
+    if not set(expert) <= set(batch):
+        return None
+    return MeshAxes(mesh=mesh, batch=batch, expert=expert, mlp=axes("mlp", d_ff))
 
 
 def _expert_ffn(kind, weights, cdt, mlp_axes, x, matmul):
@@ -292,7 +299,7 @@ def _expert_ffn(kind, weights, cdt, mlp_axes, x, matmul):
     return jax.lax.psum(out.astype(jnp.float32), mlp_axes).astype(out.dtype) if mlp_axes else out
 
 
-def _exchange(buffer_ERD, axis: str, n_shards: int, experts):
+def _exchange(buffer_ERD, axis: tuple[str, ...], n_shards: int, experts):
     """Send each expert's rows to the shard holding it, run ``experts`` there, send the outputs back.
 
     buffer_ERD: [n_experts, rows, d] on every shard; expert e lives on shard e // (n_experts / n_shards).

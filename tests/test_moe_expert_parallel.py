@@ -120,8 +120,7 @@ def _main():
         names = tuple(sizes)
         mesh = jax.make_mesh(tuple(sizes.values()), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
         return MeshAxes(mesh=mesh, batch=tuple(a for a in ("data", "fsdp", "expert") if a in names),
-                        expert="expert" if "expert" in names else None,
-                        mlp=("tensor",) if "tensor" in names else ())
+                        expert=("expert",) if "expert" in names else (), mlp=("tensor",) if "tensor" in names else ())
 
     rep = {"equivalence": {}, "drop_fraction_one_device": {}, "all_to_all_ops": {}}
     for routing, cf in (("dropless", None), ("capacity", 2.0)):
