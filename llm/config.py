@@ -252,6 +252,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.moe.top_k={e.top_k} must be between 1 and n_experts={e.n_experts}")
         if e.every > m.n_layers:
             raise ConfigError(f"model.moe.every={e.every} exceeds model.n_layers={m.n_layers}: no block would be MoE")
+        if e.capacity_factor is not None and e.ep_capacity_factor is not None:
+            raise ConfigError("model.moe.ep_capacity_factor applies to dropless routing only; with "
+                              f"model.moe.capacity_factor={e.capacity_factor} the per-sequence slots are exchanged "
+                              "as they are: set one of them to null")
     _one_of("data.tokenizer", d.tokenizer, _TOKENIZERS)
     synthetic = d.source.startswith("synthetic:")  # token ids come straight from the source
     if d.tokenizer == "bytes" and m.vocab_size != 256 and not synthetic:
