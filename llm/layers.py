@@ -43,7 +43,10 @@ def output_std(cfg: ModelConfig, fan_in: int) -> float:
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str, names: tuple[str | None, ...]) -> nnx.Param:
     """An nnx.Param drawn from N(0, std^2) with the params stream of ``rngs``, its axes named
     ``names`` (logical axis names, llm.sharding.RULES)."""
-    return logical_param(std * jax.random.normal(rngs.params(), shape, dtype_of(dtype)), names)
+    # The barrier keeps XLA from fusing the scale into the draw, so an init under jit (the
+    # sharded one of llm.training) gives bit for bit the values an eager init does.
+    draw = jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, dtype_of(dtype)))
+    return logical_param(std * draw, names)
 
 
 class RMSNorm(nnx.Module):
