@@ -37,6 +37,11 @@ _TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_
 CASES: dict[str, tuple[list[str], list[str], str]] = {
     "dense": (_TINY, ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2"], "dense"),
     "dense_scan": (_TINY + ["model.scan_layers=true"], ["fsdp4_tensor2"], "dense"),
+    # a dense block then an MoE block (8 experts, top-2, dropless: the expert-parallel all-to-all's
+    # default capacity drops nothing), under every layout including the expert-parallel ones
+    "moe": (_TINY + ["model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=32", "model.moe.every=2"],
+            ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2", "expert8", "data2_expert4",
+             "fsdp2_expert4"], "moe"),
 }
 
 # Mesh layouts by name: mesh.* sizes (absent: 1). "1" is the one-device reference.
@@ -47,6 +52,9 @@ LAYOUTS: dict[str, dict[str, int]] = {
     "data2_fsdp4": {"data": 2, "fsdp": 4},
     "data4_tensor2": {"data": 4, "tensor": 2},
     "fsdp4_tensor2": {"fsdp": 4, "tensor": 2},
+    "expert8": {"expert": 8},
+    "data2_expert4": {"data": 2, "expert": 4},
+    "fsdp2_expert4": {"fsdp": 2, "expert": 4},
 }
 
 
@@ -69,11 +77,12 @@ def run_layout(overrides: list[str], layout: dict[str, int]) -> dict:
     step, _ = make_run_step(graphdef, cfg, steps, layout_)
     rng = np.random.default_rng(0)
     batch_shape = (cfg.train.batch_size, cfg.model.seq_len + 1)
-    losses = []
+    losses, dropped = [], 0.0
     for _ in range(STEPS):
         tokens = rng.integers(0, cfg.model.vocab_size, batch_shape, dtype=np.int32)
         state, metrics = step(state, layout_.put(tokens[layout_.host_rows(batch_shape[0])], batch_shape[0]))
         losses.append(float(metrics["train_loss"]))
+        dropped = max([dropped] + [float(v) for k, v in metrics.items() if k.endswith("drop_fraction")])
     specs = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
         spec = leaf.sharding.spec
@@ -81,6 +90,7 @@ def run_layout(overrides: list[str], layout: dict[str, int]) -> dict:
     return {
         "mesh": sharding.mesh_summary(mesh),
         "losses": losses,
+        "drop_fraction": dropped,  # the most any MoE layer dropped in any step (0.0 for a dense model)
         "params": [np.asarray(x) for x in jax.tree.leaves(state["params"])],
         "param_bytes_per_device": _bytes_per_device(state["params"]),
         "opt_bytes_per_device": _bytes_per_device(state["opt_state"]),
