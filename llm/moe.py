@@ -14,8 +14,8 @@ Dispatch, same semantics wherever no token is dropped:
     C = min(T, ceil(capacity_factor * T * top_k / n_experts)) assignments of the T
     tokens of a sequence; first choices claim slots before second choices (GShard),
     earlier tokens before later ones. Assignments over capacity are dropped (the
-    token keeps only its residual for that expert). Tokens are scattered into an
-    [E, C] slot buffer per sequence and gathered back, so memory is
+    token keeps only its residual for that expert). Tokens are scattered into
+    [E, C] slots per sequence (one expert-major buffer) and gathered back, so memory is
     O(batch * T * top_k * capacity_factor * d_model): linear in batch tokens (the
     former whole-batch one-hot dispatch tensors were [B*T, E, C] with C ~ B*T).
     Why per sequence rather than a fixed group size: a sequence's outputs then never
@@ -38,33 +38,30 @@ Auxiliary losses (float32, unweighted here; the model weights and sums them):
     1.0 under uniform routing, up to n_experts when routing collapses.
   * ST-MoE router z-loss: mean over tokens of logsumexp(router logits)^2.
 
-Expert parallelism (a mesh whose ``expert`` axis is > 1; ``MeshAxes``): the routed
-part runs inside ``jax.shard_map``. Tokens are split over the batch mesh axes (data,
-fsdp, expert), so each shard routes its own tokens; the expert weights are split over
-``expert`` on their leading axis (E / n_ep experts per shard) and their hidden dim over
-the ``mlp`` axes (tensor). Each shard fills a send buffer of a FIXED capacity
-C_ep per (source shard, expert): [E, C_ep, d_model] rows; one ``all_to_all`` over
-``expert`` sends each expert's rows to the shard that holds it, the shard runs its
-experts on [E / n_ep, n_ep * C_ep, d_model], and a second ``all_to_all`` sends the
-outputs back. C_ep is
+Sharded (a mesh of more than one device set with ``jax.set_mesh``; ``context_mesh_axes``
+reads it through llm.sharding's rules): the routed part runs inside ``jax.shard_map``.
+Tokens are split over the batch mesh axes (data, fsdp, expert), so each shard routes its
+own tokens; the experts are split over ``expert`` on their leading axis (E / n_ep per
+shard), their hidden dim over ``tensor`` (partial outputs summed by a psum), and their
+d_model (fsdp at rest) is gathered on entry. Statistics and aux losses are psum-reduced
+over the batch axes: those of the whole batch. Without an expert axis each shard runs
+the dropless kernel on its own tokens (no global sort). With one (expert parallelism),
+each shard fills a send buffer with a FIXED number of slots C_ep per (source shard,
+expert), [E, C_ep, d_model]; one ``all_to_all`` over ``expert`` sends each expert's rows
+to the shard that holds it, which runs its experts on [E / n_ep, n_ep * C_ep, d_model],
+and a second ``all_to_all`` sends the outputs back. C_ep is
   * dropless routing: C_ep = ceil(ep_capacity_factor * S_shard * top_k / n_experts),
-    capped at S_shard (the tokens of the shard); ``ep_capacity_factor`` None (the
+    capped at S_shard (the tokens of the shard). ``ep_capacity_factor`` None (the
     default) means C_ep = S_shard, which no routing can overflow (top-k experts are
-    distinct, so a shard sends an expert at most S_shard rows): the outputs, aux
-    losses and gradients are those of the one-device path, at the price of buffers
-    and expert FLOPs n_experts / top_k times the useful ones. With a factor, the
-    assignments over C_ep of an expert on a shard are dropped in the
-    capacity queue order above (first choices first, then earlier tokens) and counted in
-    ``drop_fraction``; the token keeps its residual and its other experts.
-  * capacity routing: the per-sequence slots above are exchanged as they are
-    (C_ep = sequences per shard x C), so results equal the one-device path whatever
-    drops.
-With any other mesh of more than one device (expert axis 1) the same shard_map runs
-without the all-to-all: each shard routes its tokens through all experts with the
-dropless kernel, so no global sort is needed. Padding tokens are never dispatched
-through the all-to-all (their routed output is 0; they are left out of every
-statistic anyway). Statistics are psum-reduced over the batch axes, so they are
-those of the whole batch.
+    distinct, so a shard sends an expert at most S_shard rows): outputs, aux losses and
+    gradients are the one-device ones, at the price of buffers and expert FLOPs
+    n_experts / top_k times the useful ones. With a factor, an expert's assignments past
+    C_ep from one shard are dropped in the capacity queue order above (first choices
+    first, then earlier tokens) and counted in ``drop_fraction``; the token keeps its
+    residual and its other experts, its weights are not renormalised.
+  * capacity routing: each sequence's [E, C] slots are exchanged as they are
+    (C_ep = sequences per shard x C), so results equal the one-device path, drops included.
+Padding tokens are never dispatched through the all-to-all (their routed output is 0).
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ _TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_
 CASES: dict[str, tuple[list[str], list[str], str]] = {
     "dense": (_TINY, ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2"], "dense"),
     "dense_scan": (_TINY + ["model.scan_layers=true"], ["fsdp4_tensor2"], "dense"),
-    # a dense block then an MoE block (8 experts, top-2, dropless: the expert-parallel all-to-all's
-    # default capacity drops nothing), under every layout including the expert-parallel ones
-    "moe": (_TINY + ["model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=32", "model.moe.every=2"],
+    # one MoE block (8 experts, top-2, dropless: the expert-parallel all-to-all's default capacity
+    # drops nothing; the dense case covers the other blocks) under every layout, expert-parallel too
+    "moe": (_TINY + ["model.n_layers=1", "train.grad_accum=1", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=32"],
             ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2", "expert8", "data2_expert4",
              "fsdp2_expert4"], "moe"),
 }

@@ -78,6 +78,23 @@ def test_parameters_and_optimiser_state_shrink_in_proportion_to_fsdp(layouts):
     assert 2 * params / 8 <= runs["fsdp4_tensor2"]["opt_bytes_per_device"] < 2 * params / 8 * 1.02 + scalars
 
 
+def test_moe_layouts_drop_nothing_and_split_the_experts(layouts):
+    moe = layouts["moe"]  # every layout checked against one device above
+    assert set(moe) == {"1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2", "expert8",
+                        "data2_expert4", "fsdp2_expert4"}
+    assert all(run["drop_fraction"] == 0.0 for run in moe.values())  # the default all-to-all capacity
+    w_in = "['blocks'][0]['mlp']['w_in_EDF'].value"
+    assert moe["expert8"]["specs"][w_in] == ["expert", None, None]
+    assert moe["fsdp2_expert4"]["specs"][w_in] == ["expert", "fsdp", None]
+    assert moe["fsdp4_tensor2"]["specs"][w_in] == [None, "fsdp", "tensor"]
+    # w_in, w_gate, w_out: 8 experts x d_model 32 x d_ff_expert 32, float32; the rest is replicated over expert
+    experts = 3 * 8 * 32 * 32 * 4
+    rest = moe["1"]["param_bytes_per_device"] - experts
+    assert moe["expert8"]["param_bytes_per_device"] == rest + experts // 8
+    assert moe["data2_expert4"]["param_bytes_per_device"] == rest + experts // 4
+    assert moe["fsdp2_expert4"]["param_bytes_per_device"] == rest // 2 + experts // 8
+
+
 def test_partition_specs_follow_the_rules(layouts):
     expected = {  # by hand from sharding.RULES: embed -> fsdp; heads, kv_heads, mlp, vocab -> tensor
         "fsdp4_tensor2": {
