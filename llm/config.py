@@ -252,6 +252,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.moe.top_k={e.top_k} must be between 1 and n_experts={e.n_experts}")
         if e.every > m.n_layers:
             raise ConfigError(f"model.moe.every={e.every} exceeds model.n_layers={m.n_layers}: no block would be MoE")
+        if cfg.mesh.expert > 1 and e.n_experts % cfg.mesh.expert:
+            raise ConfigError(f"model.moe.n_experts={e.n_experts} is not divisible by mesh.expert={cfg.mesh.expert}: "
+                              "each expert-parallel device holds n_experts / mesh.expert experts")
         if e.capacity_factor is not None and e.ep_capacity_factor is not None:
             raise ConfigError("model.moe.ep_capacity_factor applies to dropless routing only; with "
                               f"model.moe.capacity_factor={e.capacity_factor} the per-sequence slots are exchanged "

@@ -133,6 +133,8 @@ def test_every_numeric_field_has_a_range(key, value):
         (["model.moe.ep_capacity_factor=0"], "model.moe.ep_capacity_factor must be > 0"),
         (["model.moe.capacity_factor=1.25", "model.moe.ep_capacity_factor=2"],
          "model.moe.ep_capacity_factor applies to dropless routing only"),
+        (["model.moe.n_experts=6", "mesh.expert=4", "mesh.data=1"],
+         "model.moe.n_experts=6 is not divisible by mesh.expert=4"),
         (["data.markov_support=1"], "data.markov_support must be >= 2, got 1"),
         (["data.eval_fraction=1"], "data.eval_fraction must be in (0, 1), got 1.0"),
         (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio must be in [0, 1], got 1.5"),
