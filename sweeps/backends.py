@@ -363,15 +363,6 @@ def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1, 
     raise ConfigError(f"--backend {name!r} is not known; choose local or ray")
 
 
-def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1) -> LocalBackend | RayBackend:
-    """Backend by name: 'local' or 'ray'."""
-    if name == "local":
-        return LocalBackend(parallel, gpus_per_run)
-    if name == "ray":
-        return RayBackend(parallel, gpus_per_run=gpus_per_run)
-    raise ConfigError(f"--backend {name!r} is not known; choose local or ray")
-
-
 def worker_command(config: Path, run_dir: Path, run_name: str, lock: Path, train_fn: str,
                    eval_json: str | None = None, branch_from: tuple[Path, int] | None = None,
                    branch_steps: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
