@@ -58,20 +58,18 @@ def usable_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def tpu_chips() -> list[str]:
+def tpu_chips(dev: Path = Path("/dev")) -> list[str]:
     """TPU chips of this host, found without importing JAX; [] elsewhere.
 
     TPU_VISIBLE_CHIPS when set (Ray and multi-process launches set it), else the chips'
-    device files: /dev/accel<i> (TPU v2-v5) or /dev/vfio/<i> (v6e and later).
+    device files under ``dev``: accel<i> (TPU v2-v5) or vfio/<i> (v6e and later).
     """
     env = os.environ.get("TPU_VISIBLE_CHIPS")
     if env is not None:
         return [c.strip() for c in env.split(",") if c.strip()]
-    accel = sorted(p.name[len("accel"):] for p in Path("/dev").glob("accel*") if p.name[len("accel"):].isdigit())
-    if accel:
-        return sorted(accel, key=int)
-    vfio = Path("/dev/vfio")
-    return sorted((p.name for p in vfio.glob("*") if p.name.isdigit()), key=int) if vfio.is_dir() else []
+    accel = [p.name[len("accel") :] for p in dev.glob("accel*")]
+    chips = [c for c in accel if c.isdigit()] or [p.name for p in (dev / "vfio").glob("*") if p.name.isdigit()]
+    return sorted(chips, key=int)
 
 
 def default_parallel(gpus_per_run: int = 1) -> int:

@@ -534,7 +534,7 @@ def run_sweep(
     last_wait_check = 0.0
     try:
         while launch.busy():
-            if backend_obj is None and "queued" in launch.status.values():
+            if backend_obj is None and {"queued", "waiting"} & set(launch.status.values()):  # waiting: locks to follow
                 backend_obj = make_backend(backend, parallel, gpus_per_run, address=address, cpus_per_run=cpus_per_run)
                 if population == "auto":
                     launch.units = _population_units(launch, sweep_dir, backend_obj, parallel, gpus_per_run, max_population)
