@@ -302,7 +302,8 @@ class RayBackend:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] if hasattr(ray, "nodes") else []
         options = ray_resources(cluster, nodes, gpus_per_run, cpus_per_run)
         # On CPU nodes a run's threads match its CPUs, as the local backend's do.
-        self.env = {} if len(options) > 1 else thread_env(max(1, int(cpus_per_run)))
+        on_cpu = "num_gpus" not in options and "resources" not in options
+        self.env = thread_env(max(1, int(cpus_per_run))) if on_cpu else {}
         self.parallel = parallel or 1_000_000  # Ray queues tasks by their resource request
         # Ray retries nothing itself: the runner decides (a run's own failure is final, a lost worker is retried).
         self.task = ray.remote(_ray_run_command).options(max_retries=0, **options)

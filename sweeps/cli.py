@@ -525,7 +525,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                    help="GPUs (or, on Ray, TPU chips) given to each run, which it uses as its mesh; a local TPU "
                         "host gives each run all its chips")  # fmt: skip
     q.add_argument("--address", default=None,
-                   help="with --backend ray: the cluster to join, e.g. 10.0.0.5:6379 or ray://head:10001 "
+                   help="with --backend ray: the cluster to join, e.g. 10.0.0.5:6379, or auto on one of its nodes "
                         "(default: $RAY_ADDRESS, else a local Ray instance)")  # fmt: skip
     q.add_argument("--cpus-per-run", type=_positive_float, default=1.0, help="with --backend ray: CPUs each run asks for")
     q.add_argument("--max-retries", type=_count, default=DEFAULT_MAX_RETRIES,
