@@ -40,7 +40,7 @@ from rundir import FILE_MODE  # the umask decides, as for every other file of a 
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # heartbeat silence after which another host's lock is considered dead
-LOST_AFTER_S = 2.5 * HEARTBEAT_S  # heartbeat silence after which the lock of a node known dead is
+LOST_AFTER_S = 2.5 * HEARTBEAT_S  # heartbeat silence after which the lock of a node Ray knows dead is removed
 RAY_NODE_ENV = "CHINCHAX_RAY_NODE_ID"  # set by the Ray backend: the node a worker runs on, kept in its lock
 
 

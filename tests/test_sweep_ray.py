@@ -29,7 +29,8 @@ FAKE, _calls, _spec = _runner_tests.FAKE, _runner_tests._calls, _runner_tests._s
 PAUSING = f"{Path(__file__).with_name('ray_fault_train.py')}:pausing_train"
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# Adding a node forks Ray's processes from this one (JAX warns about forks; they exec at once).
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
 TIMEOUT_S = 300.0  # a bound for a wait that normally takes seconds, not a timing
 
 
