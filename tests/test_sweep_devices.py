@@ -167,3 +167,27 @@ def test_ray_backend_knows_a_dead_nodes_lock(monkeypatch):
     assert not ray_backend.owner_lost({"ray_node": "n2", "age_s": old})  # alive: its heartbeat decides
     assert not ray_backend.owner_lost({"host": socket.gethostname(), "age_s": old})  # not a Ray worker's lock
     assert ray_backend.env["OMP_NUM_THREADS"] == "1"  # a CPU cluster: threads match the run's CPUs
+
+
+def test_cli_passes_the_cluster_options(monkeypatch, tmp_path, capsys):
+    from sweeps.cli import main
+
+    seen = {}
+
+    def fake_run_sweep(spec, out, **kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(ok=True)
+
+    monkeypatch.setattr("sweeps.runner.run_sweep", fake_run_sweep)
+    monkeypatch.setattr("sweeps.cli.interrupt_on_sigterm", lambda: None)
+    spec = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
+    args = ["sweep", "run", str(spec), "--out", str(tmp_path / "s"), "--backend", "ray", "--address", "10.0.0.5:6379",
+            "--cpus-per-run", "2", "--gpus-per-run", "4", "--max-retries", "0"]  # fmt: skip
+    assert main(args) == 0
+    assert (seen["backend"], seen["address"], seen["cpus_per_run"], seen["gpus_per_run"], seen["max_retries"]) == (
+        "ray", "10.0.0.5:6379", 2.0, 4, 0)  # fmt: skip
+    assert main(args[:5]) == 0 and seen["max_retries"] == 3 and seen["address"] is None
+    for bad, message in ((["--max-retries", "-1"], "--max-retries"), (["--cpus-per-run", "0"], "--cpus-per-run")):
+        with pytest.raises(SystemExit):
+            main(args[:5] + bad)
+        assert message in capsys.readouterr().err
