@@ -136,11 +136,12 @@ class LocalBackend:
                 if shares > 1:  # JAX preallocates 75% of a GPU: split it between the runs instead
                     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / shares:.2f}"
                 self.slots.append({"env": env, "cores": None})
-        elif tpu_chips():
-            if self.parallel > 1:
+        elif chips := tpu_chips():
+            if self.parallel > 1 or gpus_per_run not in (1, len(chips)):  # 1: the default
+                asked = f"--parallel {self.parallel}" if self.parallel > 1 else f"--gpus-per-run {gpus_per_run}"
                 raise ConfigError(
-                    f"--parallel {self.parallel} on a TPU host: its {len(tpu_chips())} chip(s) serve one process, so "
-                    "runs take turns using all of them; for runs side by side use --backend ray (one run per host)"
+                    f"{asked} on a TPU host: its {len(chips)} chip(s) serve one process, so runs take turns "
+                    "using all of them; for runs side by side use --backend ray (1, 2 or 4 chips per run)"
                 )
             self.slots.append({"env": {}, "cores": None})  # all chips, all cores: no CPU thread limits
         else:

@@ -68,6 +68,9 @@ def test_a_tpu_host_gives_all_its_chips_to_one_run(monkeypatch, no_gpus):
     assert slot == {"env": {}, "cores": None}  # not the CPU path: no pinning, no thread or XLA CPU limits
     with pytest.raises(ConfigError, match="--parallel 2 on a TPU host: its 4 chip"):
         LocalBackend(parallel=2)
+    with pytest.raises(ConfigError, match="--gpus-per-run 2 on a TPU host"):
+        LocalBackend(gpus_per_run=2)
+    assert len(LocalBackend(gpus_per_run=4).slots) == 1
     monkeypatch.setattr(backends, "tpu_chips", lambda: [])
     assert default_parallel() == 4 and LocalBackend().slots[0]["cores"] == [0, 1]  # a CPU host: pinned
 
