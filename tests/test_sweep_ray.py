@@ -169,6 +169,9 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_loss(cluster, corpus
         os.kill(pid, signal.SIGSTOP)  # so that it cannot act on losing its parent: both die at once
         os.kill(ray_worker, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
+        sweep.release()
+        cfg = load_config(sweep.out / ".configs" / f"{name}.yaml")
+        uninterrupted = train(cfg, tmp_path / "uninterrupted", run_name=name).result  # while the sweep retries
     finally:
         report = sweep.join()
     assert report.ok and report.trained == [name], report.failed
@@ -178,8 +181,6 @@ def test_a_killed_worker_is_retried_and_resumes_to_the_same_loss(cluster, corpus
     index = json.loads((sweep.out / "index.json").read_text())
     assert index["counts"]["done"] == 1 and sum(index["counts"].values()) == 1
 
-    cfg = load_config(sweep.out / ".configs" / f"{name}.yaml")
-    uninterrupted = train(cfg, tmp_path / "uninterrupted", run_name=name).result
     retried = _result(sweep.out / name)
     print(f"\nfinal losses, retried vs uninterrupted: train {retried['final_train_loss']!r} vs "
           f"{uninterrupted['final_train_loss']!r}, eval {retried['final_eval_loss']!r} vs {uninterrupted['final_eval_loss']!r}")
