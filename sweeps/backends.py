@@ -11,7 +11,11 @@ mesh spans them) and K = n_gpus / gpus_per_run. On a TPU host (found from /dev/a
 host's chips: a TPU chip serves one process. On CPU each run is pinned to its share of the
 cores (sched_setaffinity, which XLA's thread pool follows) and K defaults to one run per
 core, at most 4. Children are in their own session and die with the sweep
-(PR_SET_PDEATHSIG on Linux), so a killed sweep leaves no orphan training.
+(PR_SET_PDEATHSIG on Linux), so a killed sweep leaves no orphan training. By default each slot keeps one
+resident worker process (``sweeps.resident_worker``) that runs the slot's worker commands
+one after another, so imports, the corpus and compiled programs are paid once per slot
+instead of once per run; exit codes, logs and failures stay per run, and a run that kills
+its process costs only a fresh process for the next one (``resident=False``: a process per run).
 
 Ray: each run is a Ray task with its resource request (``num_cpus``, and ``num_gpus`` or
 ``TPU`` chips); Ray sets CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS for the task. Run
@@ -34,6 +38,7 @@ from typing import Any
 
 from llm.config import ConfigError
 from sweeps.lock import RAY_NODE_ENV, LOST_AFTER_S
+from sweeps.resident_worker import ResidentWorker, servable
 
 
 def visible_gpus() -> list[str]:
@@ -118,7 +123,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, parallel: int | None = None, gpus_per_run: int = 1):
+    def __init__(self, parallel: int | None = None, gpus_per_run: int = 1, resident: bool = True):
         if gpus_per_run < 1:
             raise ConfigError(f"--gpus-per-run must be >= 1, got {gpus_per_run}")
         gpus = visible_gpus()
@@ -150,16 +155,24 @@ class LocalBackend:
             for i in range(self.parallel):
                 mine = [cores[(i * per_run + j) % len(cores)] for j in range(per_run)]
                 self.slots.append({"env": thread_env(per_run), "cores": mine})
-        self.busy: dict[int, subprocess.Popen] = {}
+        self.busy: dict[int, subprocess.Popen | ResidentWorker] = {}
+        self.resident = resident
+        self.residents: dict[int, ResidentWorker] = {}  # slot -> its resident worker, idle or busy
 
     def free(self) -> int:
         """How many more runs can start now."""
         return self.parallel - len(self.busy)
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        """Start ``cmd`` in a free slot; returns a handle for poll/stop."""
+        """Start ``cmd`` in a free slot; returns a handle for poll/stop. A worker command goes to
+        the slot's resident worker (started, or restarted if it died or the env changed)."""
         slot = next(i for i in range(self.parallel) if i not in self.busy)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        job = servable(cmd) if self.resident else None
+        if job is not None:
+            self.busy[slot] = self._resident(slot, env, log_path)
+            self.busy[slot].submit(*job, log_path)
+            return slot
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -173,6 +186,19 @@ class LocalBackend:
         self.busy[slot] = proc
         return slot
 
+    def _resident(self, slot: int, env: dict[str, str], log_path: Path) -> ResidentWorker:
+        """The slot's idle resident worker for ``env``, started anew when there is none alive."""
+        full_env = {**os.environ, **env, **self.slots[slot]["env"]}
+        worker = self.residents.get(slot)
+        if worker is not None and (not worker.alive() or worker.env != full_env):
+            worker.close()
+            worker = None
+        if worker is None:
+            cores = self.slots[slot]["cores"]
+            worker = ResidentWorker(full_env, log_path, preexec_fn=lambda: _child_setup(cores))
+            self.residents[slot] = worker
+        return worker
+
     def poll(self, handle: int) -> int | None:
         """Exit code of a finished run (negative: killed by that signal), or None while running."""
         rc = self.busy[handle].poll()
@@ -183,6 +209,10 @@ class LocalBackend:
     def stop(self, handle: int, grace_s: float = 15.0) -> None:
         """SIGTERM (the worker saves nothing half-done and frees its lock), then SIGKILL."""
         proc = self.busy.pop(handle, None)
+        if isinstance(proc, ResidentWorker):
+            self.residents.pop(handle, None)
+            proc.stop(grace_s)
+            return
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
@@ -199,6 +229,9 @@ class LocalBackend:
     def close(self) -> None:
         for handle in list(self.busy):
             self.stop(handle)
+        for worker in self.residents.values():  # idle ones: end of input
+            worker.close()
+        self.residents.clear()
 
 
 WORKER_LOST = 1000  # poll's answer for a run whose Ray worker process or node died (no exit code; > 255)
@@ -354,10 +387,11 @@ class RayBackend:
 
 
 def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1, *, address: str | None = None,
-                 cpus_per_run: float = 1.0) -> LocalBackend | RayBackend:  # fmt: skip
-    """Backend by name: 'local' or 'ray' (``address``: the Ray cluster to join; ``cpus_per_run``: Ray's request)."""
+                 cpus_per_run: float = 1.0, resident: bool = True) -> LocalBackend | RayBackend:  # fmt: skip
+    """Backend by name: 'local' or 'ray' (``address``: the Ray cluster to join; ``cpus_per_run``: Ray's request;
+    ``resident``: LocalBackend's resident workers)."""
     if name == "local":
-        return LocalBackend(parallel, gpus_per_run)
+        return LocalBackend(parallel, gpus_per_run, resident)
     if name == "ray":
         return RayBackend(parallel, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, address=address)
     raise ConfigError(f"--backend {name!r} is not known; choose local or ray")

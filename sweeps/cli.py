@@ -543,6 +543,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                         "one per slot (one process each; vmapped on a GPU/TPU, in turn on CPU); off: every run in its "
                         "own process")  # fmt: skip
     q.add_argument("--max-population", type=_positive_int, default=16, help="most runs trained as one population")
+    q.add_argument("--process-per-run", action="store_true",
+                   help="local backend: start a fresh process for every run (default: one resident worker per slot "
+                        "trains its runs in turn, paying imports and compilation once)")  # fmt: skip
     q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
     q.add_argument("--population-fn", default="llm.population:train_population", help=argparse.SUPPRESS)
     q.set_defaults(func=_cmd_sweep_run)
@@ -586,6 +589,7 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
         population=args.population,
         max_population=args.max_population,
         population_fn=args.population_fn,
+        resident=not args.process_per_run,
         fit=not args.no_fit,
         include_stale=args.include_stale,
         raw_spec=raw,

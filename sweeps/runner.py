@@ -473,6 +473,7 @@ def run_sweep(
     population: str = "auto",
     max_population: int = DEFAULT_MAX_SIZE,
     population_fn: str = DEFAULT_POPULATION_FN,
+    resident: bool = True,
     fit: bool = True,
     include_stale: bool = False,
     progress: bool = True,
@@ -496,6 +497,8 @@ def run_sweep(
     instance); each run asks for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs or TPU chips, and
     ``sweep_dir`` must be on storage every node sees. A run whose worker was lost is retried up to
     ``max_retries`` times (``should_retry``).
+    ``resident`` (local backend): each slot's runs go in turn to one long-lived worker process
+    (``sweeps.resident_worker``); False starts a process per run.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if population not in ("auto", "off"):
@@ -535,7 +538,8 @@ def run_sweep(
     try:
         while launch.busy():
             if backend_obj is None and {"queued", "waiting"} & set(launch.status.values()):  # waiting: locks to follow
-                backend_obj = make_backend(backend, parallel, gpus_per_run, address=address, cpus_per_run=cpus_per_run)
+                backend_obj = make_backend(backend, parallel, gpus_per_run, address=address, cpus_per_run=cpus_per_run,
+                                           resident=resident)
                 if population == "auto":
                     launch.units = _population_units(launch, sweep_dir, backend_obj, parallel, gpus_per_run, max_population)
             if backend_obj is not None:
