@@ -2,21 +2,25 @@
 
     python benchmarks/startup.py [--repeats 3] [--quickstart]
 
-Each measurement is a fresh Python process that does what ``llm.training.train`` does before
+Each measurement is a fresh Python process that does, for each of its runs, what ``llm.training.train`` does before
 its first step: import jax/flax/llm, load the tokenised corpus, build the model and optimiser
 state, compile and run the first train step, compile and run the first evaluation. Three
-cases, each with its own JAX persistent compilation cache folder:
+cases in a fresh process, sharing one JAX persistent compilation cache folder per repeat:
 
 - ``cold``: an empty cache (a shape never compiled on this machine);
 - ``warm``: the same run again (a re-run, or another seed of one shape);
 - ``other length``: the same shape for another number of steps (another token count or
   isoflop budget of one model size): only the small learning-rate program compiles again.
 
+Two more cases train runs in turn in one process, as a sweep's resident worker
+(``sweeps.resident_worker``) does, from an empty cache:
+
+- ``resident, new shape``: a run of a shape the process has not seen, after another shape
+  (imports and JAX's set-up already paid; its programs still compile);
+- ``resident, other length``: the same shape at another length after that.
+
 The table gives wall and CPU seconds per phase (median over ``--repeats``). CPU seconds are
-the steadier number on shared cores. Two more cases train runs in turn in one process, as a sweep's resident worker
-(``sweeps.resident_worker``) does: a run of a shape the process has not seen after another
-shape (imports and JAX's set-up already paid; its programs still compile), and the same
-shape at another length after that. ``--quickstart`` also times the README's main job
+the steadier number on shared cores. ``--quickstart`` also times the README's main job
 (``chinchax sweep run experiments/quickstart.yaml``, 12 runs and the fit) from an empty
 compilation cache, with resident workers and with a process per run.
 """
