@@ -122,6 +122,9 @@ class LocalBackend:
     """K subprocesses at a time on this machine, each pinned to its own devices or cores."""
 
     name = "local"
+    # Jobs after which a resident worker is replaced by a fresh one: JAX keeps every program a
+    # process compiled, so a long sweep of many shapes would otherwise grow one process without end.
+    resident_max_jobs = 32
 
     def __init__(self, parallel: int | None = None, gpus_per_run: int = 1, resident: bool = True):
         if gpus_per_run < 1:
@@ -190,7 +193,7 @@ class LocalBackend:
         """The slot's idle resident worker for ``env``, started anew when there is none alive."""
         full_env = {**os.environ, **env, **self.slots[slot]["env"]}
         worker = self.residents.get(slot)
-        if worker is not None and (not worker.alive() or worker.env != full_env):
+        if worker is not None and (not worker.alive() or worker.env != full_env or worker.jobs >= self.resident_max_jobs):
             worker.close()
             worker = None
         if worker is None:

@@ -124,6 +124,7 @@ class ResidentWorker:
             )  # fmt: skip
         os.close(write_fd)
         self._replies, self._buffer, self.busy = read_fd, b"", False
+        self.jobs = 0  # submitted so far
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -132,6 +133,7 @@ class ResidentWorker:
         """Hand the process one job; it must be idle."""
         assert not self.busy, "a resident worker runs one job at a time"
         self.busy = True
+        self.jobs += 1
         line = json.dumps({"module": module, "argv": argv, "log": str(log_path)}) + "\n"
         try:
             self.proc.stdin.write(line.encode())

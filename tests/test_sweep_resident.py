@@ -17,6 +17,20 @@ from sweeps.spec import spec_from_dict
 FAKE = f"{Path(__file__).resolve().parent / 'test_sweep_runner.py'}:fake_train"
 
 
+def _fake_spec(seeds):
+    return spec_from_dict({
+        "name": "fake",
+        "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
+                 "train": {"batch_size": 2, "steps": 3}},
+        "grid": {"train.seed": list(seeds)},
+    })  # fmt: skip
+
+
+def _run_fake(spec, out):
+    """One launch with one slot: every run goes to the same resident worker while it lives."""
+    return run_sweep(spec, out, train_fn=FAKE, parallel=1, progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None)
+
+
 def _pid(out: Path, name: str) -> str:
     lines = (out / name / "calls.txt").read_text().splitlines()
     assert len(lines) == 1, lines
@@ -24,15 +38,9 @@ def _pid(out: Path, name: str) -> str:
 
 
 def test_one_process_trains_a_slots_runs_in_turn_and_each_keeps_its_own_outcome(tmp_path):
-    spec = spec_from_dict({
-        "name": "fake",
-        "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
-                 "train": {"batch_size": 2, "steps": 3}},
-        "grid": {"train.seed": [1, 13, 2, 14, 3]},
-    })  # fmt: skip
+    spec = _fake_spec([1, 13, 2, 14, 3])
     names = [r.name for r in expand(spec)]
-    report = run_sweep(spec, tmp_path, train_fn=FAKE, parallel=1, progress=False, cache_dir=None, poll_s=0.05,
-                       log=lambda m: None)  # fmt: skip
+    report = _run_fake(spec, tmp_path)
     assert [r["status"] for r in report.rows] == ["done", "failed", "done", "failed", "done"]
     errors = dict(report.failed)
     assert "fake failure for seed 13" in errors[names[1]]
@@ -46,8 +54,18 @@ def test_one_process_trains_a_slots_runs_in_turn_and_each_keeps_its_own_outcome(
     assert not any("fake failure" in logs[n] for n in names if n != names[1])
     # Locks released (but the killed run's: stale, taken over by the next launch); a second launch trains nothing.
     assert sorted(p.stem for p in (tmp_path / ".locks").glob("*.lock")) == [names[3]]
-    assert run_sweep(spec, tmp_path, train_fn=FAKE, parallel=1, progress=False, cache_dir=None, poll_s=0.05,
-                     log=lambda m: None).trained == []  # fmt: skip
+    assert _run_fake(spec, tmp_path).trained == []
+
+
+def test_a_resident_worker_is_replaced_after_its_quota_of_jobs(tmp_path, monkeypatch):
+    from sweeps.backends import LocalBackend
+
+    monkeypatch.setattr(LocalBackend, "resident_max_jobs", 2)
+    spec = _fake_spec([1, 2, 3])
+    report = _run_fake(spec, tmp_path)
+    assert [r["status"] for r in report.rows] == ["done"] * 3
+    pids = [_pid(tmp_path, r.name) for r in expand(spec)]
+    assert pids[0] == pids[1] != pids[2]
 
 
 def test_runs_in_one_resident_worker_match_runs_in_their_own_processes(tmp_path, monkeypatch):
