@@ -54,10 +54,10 @@ class Attention(nnx.Module):
         h = d // n
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         std_in = input_std(cfg, d)
-        self.w_q_DNH = normal_param(rngs, (d, n, h), std_in, cfg.param_dtype)
-        self.w_k_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype)
-        self.w_v_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype)
-        self.w_o_NHD = normal_param(rngs, (n, h, d), output_std(cfg, n * h), cfg.param_dtype)
+        self.w_q_DNH = normal_param(rngs, (d, n, h), std_in, cfg.param_dtype, ("embed", "heads", "head_dim"))
+        self.w_k_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype, ("embed", "kv_heads", "head_dim"))
+        self.w_v_DKH = normal_param(rngs, (d, k, h), std_in, cfg.param_dtype, ("embed", "kv_heads", "head_dim"))
+        self.w_o_NHD = normal_param(rngs, (n, h, d), output_std(cfg, n * h), cfg.param_dtype, ("heads", "head_dim", "embed"))
 
     def __call__(self, x_BTD: jax.Array, sin_TH2: jax.Array, cos_TH2: jax.Array) -> jax.Array:
         cdt = self.compute_dtype

@@ -12,6 +12,7 @@ The strict loader itself (YAML, overrides, ``from_dict``, ``ConfigError``) lives
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -135,6 +136,21 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How one run is laid out over the devices it sees: a mesh data x fsdp x tensor x expert.
+
+    The product of the four sizes is the device count; one of them may be -1, "the rest of
+    the devices". The default is pure data parallel over every visible device. ``llm.sharding``
+    says what each axis shards. The mesh is how a run executes, not what it is (EXECUTION_KEYS).
+    """
+
+    data: int = -1  # batch rows split over data; parameters replicated
+    fsdp: int = 1  # batch rows, and parameters and optimiser state, split over fsdp (ZeRO-3)
+    tensor: int = 1  # attention heads, MLP hidden units and vocabulary split over tensor (Megatron)
+    expert: int = 1  # MoE experts split over expert (llm.moe); batch rows too, elsewhere
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A fully resolved training run."""
 
@@ -142,6 +158,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 # --------------------------------------------------------------------------- the run config
@@ -183,6 +200,7 @@ RANGES: dict[str, str] = {
     "train.seed": "in [0, 2**63)",  # jax.random keys take a C long
     "train.eval_every": "> 0", "train.eval_tokens": "> 0", "train.log_every": "> 0",
     "train.checkpoint_every": "> 0", "train.keep_checkpoints": "> 0",
+    "mesh.data": "-1 or > 0", "mesh.fsdp": "-1 or > 0", "mesh.tensor": "-1 or > 0", "mesh.expert": "-1 or > 0",
 }  # fmt: skip
 
 _RULES = {
@@ -193,6 +211,7 @@ _RULES = {
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 2**63)": lambda v: 0 <= v < 2**63,
+    "-1 or > 0": lambda v: v == -1 or v > 0,  # mesh sizes: -1 is "the rest of the devices"
 }
 
 
@@ -253,7 +272,39 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if (t.steps is None) == (t.tokens is None):
         raise ConfigError("set exactly one of train.steps and train.tokens (the other to null)")
+    _check_mesh(cfg)
     return cfg
+
+
+MESH_AXES = tuple(f.name for f in dataclasses.fields(MeshConfig))  # mesh axis names, in mesh order
+# The mesh axes that split the batch rows (llm.sharding's rule for the logical axis "batch").
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
+
+
+def _check_mesh(cfg: Config) -> None:
+    """What can be checked without knowing the device count: one -1 at most, and (when no size
+    is -1) a micro-batch that splits evenly over the batch axes. ``llm.sharding.mesh_shape``
+    checks the rest against the devices."""
+    sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ConfigError(f"mesh.{rest[0]} and mesh.{rest[1]} are both -1 (the rest of the devices): "
+                          "at most one mesh axis may be -1")
+    if not rest:
+        check_batch_split(cfg, sizes)
+
+
+def check_batch_split(cfg: Config, sizes: Mapping[str, int]) -> None:
+    """ConfigError unless the micro-batch (batch_size / grad_accum rows) divides evenly over the
+    mesh axes that split the batch (``sizes``: mesh axis -> size, all resolved)."""
+    rows = cfg.train.batch_size // cfg.train.grad_accum
+    split = math.prod(sizes[axis] for axis in BATCH_MESH_AXES)
+    if rows % split:
+        named = " x ".join(f"mesh.{axis}={sizes[axis]}" for axis in BATCH_MESH_AXES if sizes[axis] > 1)
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {rows} sequences per micro-batch cannot be split evenly "
+            f"over {named} = {split} devices: make it a multiple of {split}"
+        )
 
 
 def _check_tasks(mix: TaskMixConfig, synthetic: bool) -> None:
@@ -330,9 +381,12 @@ def tokens_per_step(cfg: Config) -> int:
 # How a run is executed, not what it trains: the progress bar, the MoE kernel (the
 # dispatch kernels compute the same function; "auto" picks one per platform), the layer
 # scan (same parameters, same function, one compiled unit) and the blockwise loss (same
-# loss; the logit gradient rounded to the compute dtype). They may differ between a run
-# and its resume, and they are not part of a run's identity.
-EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul", "model.scan_layers", "model.logits")
+# loss; the logit gradient rounded to the compute dtype) and the device mesh (the same
+# function computed over other devices). They may differ between a run and its resume,
+# and they are not part of a run's identity.
+EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul", "model.scan_layers", "model.logits") + tuple(
+    f"mesh.{axis}" for axis in MESH_AXES
+)
 
 
 def without_execution_keys(data: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ModelConfig
+from llm.sharding import logical_param
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -40,8 +41,9 @@ def output_std(cfg: ModelConfig, fan_in: int) -> float:
     return input_std(cfg, fan_in) / math.sqrt(2 * cfg.n_layers)
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str) -> nnx.Param:
-    """An nnx.Param drawn from N(0, std^2) with the params stream of ``rngs``.
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str, names: tuple[str | None, ...]) -> nnx.Param:
+    """An nnx.Param drawn from N(0, std^2) with the params stream of ``rngs``, its axes named
+    ``names`` (logical axis names, llm.sharding.RULES).
 
     The values are ``std * jax.random.normal(key, shape)``, bit for bit, but drawn as the first
     prod(shape) entries of a flat draw of ``draw_size(prod(shape))`` numbers: with JAX's
@@ -53,9 +55,11 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str)
     """
     size = math.prod(shape)
     if not getattr(jax.config, "jax_threefry_partitionable", True):  # the prefix property needs partitionable threefry
-        return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype_of(dtype)))
-    flat = jax.random.normal(rngs.params(), (draw_size(size),), dtype_of(dtype))
-    return nnx.Param(_scaled_prefix(flat, jnp.asarray(std, flat.dtype), shape))
+        return logical_param(std * jax.random.normal(rngs.params(), shape, dtype_of(dtype)), names)
+    # The barrier keeps XLA from fusing the scale into the draw, so an init under jit (the
+    # sharded one of llm.training.init_state) gives bit for bit the values an eager init does.
+    flat = jax.lax.optimization_barrier(jax.random.normal(rngs.params(), (draw_size(size),), dtype_of(dtype)))
+    return logical_param(_scaled_prefix(flat, jnp.asarray(std, flat.dtype), shape), names)
 
 
 def draw_size(size: int) -> int:
@@ -75,7 +79,7 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32, returned in the input dtype."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype: str):
-        self.scale_D = nnx.Param(jnp.ones((dim,), dtype_of(param_dtype)))
+        self.scale_D = logical_param(jnp.ones((dim,), dtype_of(param_dtype)), ("embed",))
         self.eps = eps
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -117,10 +121,10 @@ class MLP(nnx.Module):
         d = cfg.d_model
         self.kind = cfg.mlp
         self.compute_dtype = dtype_of(cfg.compute_dtype)
-        self.w_in_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype)
+        self.w_in_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype, ("embed", "mlp"))
         if cfg.mlp == "swiglu":
-            self.w_gate_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype)
-        self.w_out_FD = normal_param(rngs, (d_ff, d), output_std(cfg, d_ff), cfg.param_dtype)
+            self.w_gate_DF = normal_param(rngs, (d, d_ff), input_std(cfg, d), cfg.param_dtype, ("embed", "mlp"))
+        self.w_out_FD = normal_param(rngs, (d_ff, d), output_std(cfg, d_ff), cfg.param_dtype, ("mlp", "embed"))
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cdt = self.compute_dtype

@@ -12,6 +12,10 @@ Architecture: token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + MLP(RMSNo
 grouped-query attention, SwiGLU or GELU MLP. When ``cfg.moe`` is set, the blocks that
 ``llm.counting.is_moe_block`` names use the routed MoE layer (llm.moe) in the MLP slot.
 
+Sharding: parameters carry logical axis names (llm.layers.normal_param) and the residual
+stream and logits are constrained by name (llm.sharding.constrain, a no-op without a mesh);
+llm.sharding alone maps names to mesh axes.
+
 Precision: parameters in ``param_dtype`` (float32); activations and matmuls in
 ``compute_dtype`` (bfloat16 by default); RMSNorm, RoPE, router, logits and every loss
 term in float32. Initialisation is documented in llm.layers.
@@ -28,6 +32,10 @@ from llm.config import ModelConfig
 from llm.counting import is_moe_block
 from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
 from llm.moe import MoE, moe_kernel
+from llm.sharding import constrain
+
+# The residual stream's logical axes: on a mesh, rows split over the batch axes (llm.sharding).
+ACTIVATION_NAMES = ("batch", "seq", "embed")
 
 
 class Block(nnx.Module):
@@ -53,7 +61,7 @@ class Block(nnx.Module):
             h_BTD, stats = self.mlp(self.mlp_norm(x_BTD), valid_BT)
         else:
             h_BTD, stats = self.mlp(self.mlp_norm(x_BTD)), {}
-        return x_BTD + h_BTD, stats
+        return constrain(x_BTD + h_BTD, ACTIVATION_NAMES), stats
 
 
 def _run_block(block: Block, x_BTD, sin_TH2, cos_TH2, valid_BT):
@@ -70,12 +78,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.compute_dtype = dtype_of(cfg.compute_dtype)
-        self.embed_VD = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg.param_dtype)
+        self.embed_VD = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg.param_dtype, ("vocab", "embed"))
         # nnx.List (flax >= 0.12) registers the blocks as children; older flax takes a plain list.
         self.blocks = getattr(nnx, "List", list)([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         if not cfg.tie_embeddings:
-            self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype)
+            self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype, ("embed", "vocab"))
 
     def moe_kernel(self) -> str | None:
         """The dropless grouped-matmul kernel this model's MoE blocks run ("auto" resolved).
@@ -107,7 +115,7 @@ class Transformer(nnx.Module):
         x_BTD, aux = self.hidden(tokens_BT, valid_BT)
         # bf16 operands, float32 accumulation and output: logits and the loss stay float32.
         logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembedding(), preferred_element_type=jnp.float32)
-        return logits_BTV, aux
+        return constrain(logits_BTV, ("batch", "seq", "vocab")), aux
 
     def hidden(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None):
         """Final-normed hidden states [batch, time, d_model] (compute dtype) and aux, as in ``__call__``.
@@ -117,7 +125,7 @@ class Transformer(nnx.Module):
         """
         cfg, cdt = self.cfg, self.compute_dtype
         sin_TH2, cos_TH2 = rope_tables(tokens_BT.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt)
+        x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt), ACTIVATION_NAMES)
         blocks = list(self.blocks)
         layer_stats: dict[int, dict] = {}
         if cfg.scan_layers:
@@ -128,7 +136,7 @@ class Transformer(nnx.Module):
             x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2, valid_BT)
             if stats:
                 layer_stats[i] = stats
-        return self.final_norm(x_BTD), _collect_aux(cfg, layer_stats)
+        return constrain(self.final_norm(x_BTD), ACTIVATION_NAMES), _collect_aux(cfg, layer_stats)
 
     def unembedding(self) -> jax.Array:
         """The unembedding matrix [d_model, vocab] in the compute dtype (the embedding's transpose if tied)."""

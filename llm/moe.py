@@ -99,11 +99,11 @@ class MoE(nnx.Module):
         d, e, f = cfg.d_model, m.n_experts, m.d_ff_expert or cfg.d_ff
         self.n_experts, self.top_k, self.capacity_factor = e, m.top_k, m.capacity_factor
         self.kind, self.compute_dtype = cfg.mlp, dtype_of(cfg.compute_dtype)
-        self.router_DE = normal_param(rngs, (d, e), input_std(cfg, d), "float32")
-        self.w_in_EDF = normal_param(rngs, (e, d, f), input_std(cfg, d), cfg.param_dtype)
+        self.router_DE = normal_param(rngs, (d, e), input_std(cfg, d), "float32", ("embed", None))
+        self.w_in_EDF = normal_param(rngs, (e, d, f), input_std(cfg, d), cfg.param_dtype, ("expert", "embed", "mlp"))
         if cfg.mlp == "swiglu":
-            self.w_gate_EDF = normal_param(rngs, (e, d, f), input_std(cfg, d), cfg.param_dtype)
-        self.w_out_EFD = normal_param(rngs, (e, f, d), output_std(cfg, f), cfg.param_dtype)
+            self.w_gate_EDF = normal_param(rngs, (e, d, f), input_std(cfg, d), cfg.param_dtype, ("expert", "embed", "mlp"))
+        self.w_out_EFD = normal_param(rngs, (e, f, d), output_std(cfg, f), cfg.param_dtype, ("expert", "mlp", "embed"))
         self.shared = MLP(cfg, m.n_shared * f, rngs=rngs) if m.n_shared else None
 
     def _experts(self, x, matmul):
