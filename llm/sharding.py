@@ -26,6 +26,8 @@ Public surface: ``make_mesh``, ``mesh_shape``, ``logical_param``, ``logical_spec
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -167,6 +169,10 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "shape", np.shape(leaf)))  # arrays and jax.ShapeDtypeStructs alike
+
+
 def state_shardings(state: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings for a whole train state (params, optimiser state, step...), real or abstract.
 
@@ -176,14 +182,14 @@ def state_shardings(state: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
     """
     specs = jax.tree.leaves(param_specs(params, dict(mesh.shape)), is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_params = jax.tree_util.tree_leaves_with_path(params)  # the same order as the specs
-    by_path = {tuple(path): (tuple(np.shape(leaf)), spec) for (path, leaf), spec in zip(flat_params, specs)}
+    by_path = {tuple(path): (_shape(leaf), spec) for (path, leaf), spec in zip(flat_params, specs)}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding(path, leaf):
         path = tuple(path)
         for start in range(len(path)):
             found = by_path.get(path[start:])
-            if found is not None and found[0] == tuple(np.shape(leaf)):
+            if found is not None and found[0] == _shape(leaf):
                 return NamedSharding(mesh, found[1])
         return replicated
 
@@ -220,6 +226,56 @@ def place_batch(host_rows: np.ndarray, sharding: NamedSharding, global_shape: Se
     """A global batch array from the rows this process built (``process_rows`` of the batch):
     each host hands over only its part (``jax.make_array_from_process_local_data``)."""
     return jax.make_array_from_process_local_data(sharding, host_rows, tuple(global_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one run's arrays live: its mesh and the shardings of its train state.
+
+    ``state`` is a pytree of NamedShardings shaped like the state ({params, opt_state, step});
+    ``state_layout`` builds one. Batches are [batch, ...] arrays split by rows (``batch`` for
+    [batch, seq] tokens, ``rows`` for per-row vectors); metrics and scalars are ``replicated``.
+    """
+
+    mesh: jax.sharding.Mesh
+    state: Any
+
+    @property
+    def batch(self) -> NamedSharding:
+        return batch_sharding(self.mesh, 2)
+
+    @property
+    def rows(self) -> NamedSharding:
+        return batch_sharding(self.mesh, 1)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def host_rows(self, batch_size: int) -> slice:
+        """The rows of a [batch_size, ...] batch this process builds and places."""
+        return process_rows(self.rows, (batch_size,))
+
+    def put(self, rows: np.ndarray, batch_size: int) -> jax.Array:
+        """A global [batch_size, ...] batch from this process's ``rows`` of it (``host_rows``),
+        split by rows over the batch axes."""
+        sharding = batch_sharding(self.mesh, rows.ndim)
+        return place_batch(rows, sharding, (batch_size,) + rows.shape[1:])
+
+    def on_mesh(self, fn):
+        """``fn`` called with this mesh set (``jax.set_mesh``), so ``constrain`` sees it while tracing."""
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with jax.set_mesh(self.mesh):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+def state_layout(mesh: jax.sharding.Mesh, state: Any) -> Layout:
+    """The Layout of a train state {params, opt_state, ...} (real or from ``jax.eval_shape``) on ``mesh``."""
+    return Layout(mesh, state_shardings(state, state["params"], mesh))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

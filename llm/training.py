@@ -4,6 +4,10 @@ The train step is a pure function of (state, batch) -> (state, metrics), jitted 
 with the state an explicit pytree {params, opt_state, step}. The host loop only
 feeds batches (a pure function of (data seed, step)) and reads metrics back every
 ``log_every`` steps, so the accelerator is never waiting on Python in between.
+
+A run executes on a device mesh (``cfg.mesh``, llm.sharding; one device is a mesh of one):
+the state is created already sharded, the step is jitted with the state's and the batch's
+shardings (the state donated), and each host places only its rows of every batch.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
 from rundir import BRANCH_POINTS, CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
 from llm.logits import cross_entropy, hidden_state_loss
+from llm import sharding
 from llm.model import Transformer
+from llm.moe import moe_kernel
 from llm.optim import learning_rate_schedule, make_optimizer
 
 
@@ -78,19 +84,28 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(train_step_fn(graphdef, optimizer, cfg), donate_argnums=0)
 
 
-def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int):
+def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout: "Layout | None" = None):
     """(step, lr_at) for a run of ``total_steps``: ``step(state, tokens_BT1) -> (state, metrics)`` is
     ``make_train_step``'s, with the same numbers, but its compiled program takes the learning rate
     as an argument; ``lr_at(update)`` computes it from the run's schedule in a small program of its
     own. So the train step compiles once per model shape, whatever the run length: the persistent
     compilation cache serves runs of one shape with other token counts, budgets or learning rates.
+
+    With a ``layout`` the step runs on its mesh: the state and batch arrive and the state leaves
+    with the layout's shardings, metrics replicated.
     """
     lr_at = jax.jit(learning_rate_schedule(cfg.optim, total_steps))
 
     def step_with_lr(state, tokens_BT1, lr):
         return train_step_fn(graphdef, make_optimizer(cfg.optim, total_steps, lambda count: lr), cfg)(state, tokens_BT1)
 
-    step_jit = jax.jit(step_with_lr, donate_argnums=0)
+    if layout is None:
+        step_jit = jax.jit(step_with_lr, donate_argnums=0)
+    else:
+        step_jit = layout.on_mesh(jax.jit(
+            step_with_lr, donate_argnums=0,
+            in_shardings=(layout.state, layout.batch, layout.replicated), out_shardings=(layout.state, layout.replicated),
+        ))  # fmt: skip
 
     def step(state, tokens_BT1):
         return step_jit(state, tokens_BT1, lr_at(state["step"]))
@@ -109,7 +124,9 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         if accum == 1:
             (_, metrics), grads = grad_fn(params, tokens_BT1)
         else:
-            micro_ABT1 = tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1])
+            # Micro-batch a is rows a*m..(a+1)*m-1 of the batch (as on one device); on a mesh each is
+            # laid out over the batch axes again, so every device works on every micro-batch.
+            micro_ABT1 = sharding.constrain(tokens_BT1.reshape(accum, -1, tokens_BT1.shape[-1]), (None, "batch", "seq"))
 
             def body(grad_sum, micro_BT1):
                 (_, metrics), grads = grad_fn(params, micro_BT1)
@@ -130,11 +147,12 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     return step_fn
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, layout: "Layout | None" = None):
     """Jitted (params, tokens_BT1, valid_B) -> (summed nats, token count) on held-out data.
 
     Rows with ``valid_B`` False are padding: they add nothing to the loss and, with capacity
-    routing, take no expert capacity from the real tokens.
+    routing, take no expert capacity from the real tokens. With a ``layout`` it runs on its mesh
+    (params as the layout shards them, rows split over the batch axes).
     """
 
     def eval_fn(params, tokens_BT1, valid_B):
@@ -146,14 +164,19 @@ def make_eval_step(graphdef: nnx.GraphDef):
         count = jnp.sum(valid_BT, dtype=jnp.float32)
         return loss * count, count
 
-    return jax.jit(eval_fn)
+    if layout is None:
+        return jax.jit(eval_fn)
+    return layout.on_mesh(jax.jit(
+        eval_fn, in_shardings=(layout.state["params"], layout.batch, layout.rows), out_shardings=layout.replicated
+    ))
 
 
-def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int) -> float:
+def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int, layout: "Layout | None" = None) -> float:
     """Mean held-out loss in nats/token over a fixed set of sequences.
 
     Runs in batches of ``batch_size`` sequences (the training micro-batch, so eval fits
-    wherever training does); the last batch is padded with rows marked invalid.
+    wherever training does); the last batch is padded with rows marked invalid. With a
+    ``layout`` each batch is placed as the layout says, from this host's rows only.
     """
     n = eval_tokens_NT1.shape[0]
     total, count = 0.0, 0.0
@@ -162,6 +185,9 @@ def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int) ->
         valid = np.arange(batch_size) < chunk.shape[0]
         if chunk.shape[0] < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - chunk.shape[0], chunk.shape[1]), chunk.dtype)])
+        if layout is not None:  # each host places its rows only
+            mine = layout.host_rows(batch_size)
+            chunk, valid = layout.put(chunk[mine], batch_size), layout.put(valid[mine], batch_size)
         s, c = eval_step(params, chunk, valid)
         total, count = total + float(s), count + float(c)
     return total / count
@@ -254,6 +280,7 @@ def train(
     validate(cfg)
     from llm.memory import check_fits  # a model that cannot fit is refused before anything is built or written
     check_fits(cfg)
+    mesh = sharding.make_mesh(cfg)  # a mesh that does not fit the devices is refused here too
     run_dir = Path(run_dir)
     run_name = run_name or run_dir.name
     _check_same_config(run_dir, cfg)
@@ -268,10 +295,8 @@ def train(
     tokens_per_step = t.batch_size * m.seq_len
     flops_per_token = flops_per_token_by_convention(cfg)
 
-    model = Transformer(m, rngs=nnx.Rngs(t.seed))
-    graphdef, params = nnx.split(model)
     optimizer = make_optimizer(cfg.optim, steps)
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    graphdef, state, layout = init_state(cfg, optimizer, mesh)
 
     # Nothing was written before this point: bad input leaves the run dir untouched.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,13 +307,13 @@ def train(
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
     mfu_flops = counting.mfu_flops_per_token(m)  # the matmul FLOPs the hardware really does
-    train_step, _ = make_run_step(graphdef, cfg, steps)
+    train_step, _ = make_run_step(graphdef, cfg, steps, layout)
     schedule = learning_rate_schedule(cfg.optim, steps)  # the logged lr, as it always was
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, layout)
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
     micro_batch = t.batch_size // t.grad_accum  # eval fits wherever a training micro-batch does
 
-    summary = run_summary(cfg, dataset, run_name, model.moe_kernel(), hardware, versions)
+    summary = run_summary(cfg, dataset, run_name, moe_kernel(m), hardware, versions, mesh=sharding.mesh_summary(mesh))
     from tqdm import tqdm
 
     with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
@@ -312,7 +337,8 @@ def train(
         def line(at: int, host: list[dict]) -> dict:  # the metrics.jsonl line for the steps since the last
             record = _record(at, tokens_per_step, flops_per_token, host, float(schedule(at - 1)))
             record["tokens_per_s"] = meter.interval(at, tokens_per_step)
-            record["mfu"] = record["tokens_per_s"] * mfu_flops / (peak * hardware["n_devices"]) if peak else None
+            record["tokens_per_s_per_device"] = record["tokens_per_s"] / mesh.size
+            record["mfu"] = record["tokens_per_s"] * mfu_flops / (peak * mesh.size) if peak else None  # the mesh's devices
             return record
 
         bar = tqdm(total=steps, initial=start, unit="step", disable=not t.progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
@@ -321,7 +347,9 @@ def train(
         error = None
         step = completed = start
         try:
-            batches = prefetch_to_device(lambda i: dataset.train_batch(i, t.batch_size), start, steps)
+            mine = layout.host_rows(t.batch_size)  # each host builds and places only its rows
+            batches = prefetch_to_device(lambda i: dataset.train_batch(i, t.batch_size, mine), start, steps,
+                                         place=lambda rows: layout.put(rows, t.batch_size))
             for step, batch in zip(range(start + 1, steps + 1), batches):
                 state, step_metrics = train_step(state, batch)
                 completed = step
@@ -333,7 +361,7 @@ def train(
                     error = failure(step, losses.last_train)
                     if error is None and is_eval_step(step, steps, t.eval_every):
                         with meter.paused():
-                            record["eval_loss"] = losses.add_eval(evaluate(eval_step, state["params"], eval_set, micro_batch))
+                            record["eval_loss"] = losses.add_eval(evaluate(eval_step, state["params"], eval_set, micro_batch, layout))
                         error = failure(step, losses.last_train, losses.last_eval)
                     log.write(record)
                     pending = []
@@ -362,13 +390,33 @@ def train(
     return RunResult(result["status"], error, run_dir, result)
 
 
+def init_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+    """(graphdef, state, layout): the train state {params, opt_state, step} created directly with
+    the shardings of ``mesh`` (each device computes only its shards), and its Layout.
+
+    The values are those of an eager ``Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))``
+    and ``optimizer.init``, bit for bit (llm.layers.normal_param), on any mesh.
+    """
+
+    def init():
+        params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+    layout = sharding.state_layout(mesh, jax.eval_shape(init))
+    state = layout.on_mesh(jax.jit(init, out_shardings=layout.state))()
+    return graphdef, state, layout
+
+
 def flops_per_token_by_convention(cfg: Config) -> dict[str, float]:
     """Training FLOPs per token of ``cfg``'s model under each of rundir.FLOP_CONVENTIONS."""
     return {c: float(counting.flops_per_token(cfg.model, c)) for c in FLOP_CONVENTIONS}
 
 
-def run_summary(cfg: Config, dataset, run_name: str, moe_kernel: str | None, hardware: dict, versions: dict) -> dict[str, Any]:
-    """The part of result.json known before training: name, length, N, FLOPs per token, data, platform."""
+def run_summary(cfg: Config, dataset, run_name: str, moe_kernel: str | None, hardware: dict, versions: dict,
+                mesh: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The part of result.json known before training: name, length, N, FLOPs per token, data, platform,
+    and the device ``mesh`` (llm.sharding.mesh_summary; None: one device, no mesh)."""
     return {
         "run_name": run_name,
         "steps": total_steps(cfg),
@@ -380,6 +428,7 @@ def run_summary(cfg: Config, dataset, run_name: str, moe_kernel: str | None, har
         "eval_tokens_requested": cfg.train.eval_tokens,
         "moe_grouped_matmul": moe_kernel,  # "auto" resolved on this platform; null: dense or capacity routing
         "hardware": hardware,
+        "mesh": mesh,
         "versions": versions,
     }
 
@@ -390,6 +439,7 @@ def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | No
     ``branch``: the parent run and step of a wsd cooldown branch)."""
     batch_size = cfg.train.batch_size
     tokens = step * batch_size * cfg.model.seq_len
+    n_devices = summary["mesh"]["n_devices"] if summary.get("mesh") else 1
     return {
         "status": "failed" if error else "done",
         "error": error,
@@ -406,12 +456,15 @@ def run_result(summary: dict[str, Any], cfg: Config, dataset, *, error: str | No
         "best_eval_loss": losses.best_eval if math.isfinite(losses.best_eval) else None,
         "wall_time_s": wall_time_s,
         "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / n_devices if tokens_per_s is not None else None,
         "branch": branch,  # {"parent": run name, "step": S}: started from the parent's checkpoint after S steps
     }
 
 
-def prefetch_to_device(make_batch: Callable[[int], np.ndarray], first: int, last: int) -> Iterator[jax.Array]:
-    """Batches ``first``..``last - 1`` from ``make_batch(i)``, each handed to ``jax.device_put`` at once.
+def prefetch_to_device(make_batch: Callable[[int], np.ndarray], first: int, last: int,
+                       place: Callable[[np.ndarray], jax.Array] = jax.device_put) -> Iterator[jax.Array]:  # fmt: skip
+    """Batches ``first``..``last - 1`` from ``make_batch(i)``, each handed to ``place`` (default
+    ``jax.device_put``; on a mesh llm.sharding.Layout.put) at once.
 
     The loop asks for batch i right after dispatching step i - 1, which runs asynchronously:
     building batch i on the host and its (asynchronous) copy to the device both overlap
@@ -420,7 +473,7 @@ def prefetch_to_device(make_batch: Callable[[int], np.ndarray], first: int, last
     have been dispatched, as without prefetching.
     """
     for i in range(first, last):
-        yield jax.device_put(make_batch(i))
+        yield place(make_batch(i))
 
 
 def fetch_metrics(pending: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray]]:

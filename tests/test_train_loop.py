@@ -124,8 +124,8 @@ def cadence_run(tmp_path_factory):
         saves.append(step)
         return real_save(self, step, state, meta)
 
-    def spy_eval_step(graphdef):
-        step = real_eval_step(graphdef)
+    def spy_eval_step(graphdef, *layout):
+        step = real_eval_step(graphdef, *layout)
 
         def recorded(params, tokens, valid):
             eval_shapes.add(tokens.shape)
@@ -137,10 +137,10 @@ def cadence_run(tmp_path_factory):
         data = real_load(*args, **kwargs)
         real_batch = data.train_batch
 
-        def batch(step, size):
+        def batch(step, size, *rows):
             if step == 10:  # inside step 11
                 raise RuntimeError("simulated kill -9")
-            return real_batch(step, size)
+            return real_batch(step, size, *rows)
 
         data.train_batch = batch
         return data

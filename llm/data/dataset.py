@@ -89,13 +89,18 @@ class TokenDataset:
             self.n_eval_pool_tokens = n_pool
         self.n_eval_tokens = int(self._eval_windows.shape[0] * seq_len)
 
-    def train_batch(self, step: int, batch_size: int) -> np.ndarray:
-        """int32 [batch_size, seq_len+1] windows of the training pool for optimiser step ``step``."""
+    def train_batch(self, step: int, batch_size: int, rows: slice | None = None) -> np.ndarray:
+        """int32 [batch_size, seq_len+1] windows of the training pool for optimiser step ``step``.
+
+        ``rows`` (a slice of the batch): only those rows are built, the same as
+        ``train_batch(step, batch_size)[rows]`` (each host of a multi-host run builds its own part).
+        """
         rng = np.random.default_rng([_STREAM, int(self.seed) % 2**64, int(step)])
         starts = rng.integers(0, self.n_train_tokens - self.seq_len, size=batch_size)
-        batch = np.array(self._train[starts[:, None] + np.arange(self.seq_len + 1)], np.int32)
+        rows = slice(0, batch_size) if rows is None else rows
+        batch = np.array(self._train[starts[rows, None] + np.arange(self.seq_len + 1)], np.int32)
         if self.tasks is not None:  # a share of rows become task windows: (data seed, task seed, step)
-            self.tasks.mix_into(batch, step, self.seed)
+            self.tasks.mix_into(batch, step, self.seed, batch_size=batch_size, first=rows.indices(batch_size)[0])
         return batch
 
     def task_fraction(self, steps: int, batch_size: int) -> float:

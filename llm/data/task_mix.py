@@ -68,15 +68,21 @@ class TaskPool:
             return 0.0
         return math.floor(steps * batch_size * self._fraction) / (steps * batch_size)
 
-    def mix_into(self, batch: np.ndarray, step: int, data_seed: int) -> np.ndarray:
-        """Overwrite ``rows(step, len(batch))`` rows of a corpus batch with task windows (in place)."""
-        b = batch.shape[0]
+    def mix_into(self, batch: np.ndarray, step: int, data_seed: int, batch_size: int | None = None,
+                 first: int = 0) -> np.ndarray:
+        """Overwrite ``rows(step, batch_size)`` rows of a corpus batch with task windows (in place).
+
+        ``batch`` may be rows ``first``.. of a batch of ``batch_size`` (default: all of it); the
+        rows drawn are those of the whole batch, so the parts of a batch add up to the batch.
+        """
+        b = batch.shape[0] if batch_size is None else batch_size
         k = self.rows(step, b)
         if k:
             rng = np.random.default_rng([_TASK_STREAM, int(data_seed) % 2**64, self.seed, int(step)])
             rows = rng.choice(b, size=k, replace=False)
             starts = rng.integers(0, self.n_tokens - self.seq_len, size=k)
-            batch[rows] = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+            mine = (rows >= first) & (rows < first + batch.shape[0])
+            batch[rows[mine] - first] = self.tokens[starts[mine, None] + np.arange(self.seq_len + 1)]
         return batch
 
     def summary(self, steps: int | None = None, batch_size: int | None = None) -> dict:
