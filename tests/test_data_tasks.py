@@ -115,6 +115,15 @@ def test_mixed_batches_are_a_pure_function_of_data_seed_task_seed_and_step(corpu
         assert not np.array_equal(a.train_batch(5, 16), other.train_batch(5, 16))
 
 
+def test_each_host_builds_its_rows_of_the_batch_the_whole_batch_would_have(corpus):
+    """A multi-host run builds only its rows (llm.sharding.Layout.host_rows): corpus and task rows alike."""
+    mixed = _mixed(corpus, "data.tasks.names=[add2, facts]", "data.tasks.fraction=0.3")
+    for step in (0, 5, 9):
+        whole = mixed.train_batch(step, 16)
+        parts = [mixed.train_batch(step, 16, slice(first, first + 4)) for first in range(0, 16, 4)]
+        assert np.array_equal(np.concatenate(parts), whole)
+
+
 @pytest.mark.parametrize("fraction, batch_size", [(0.3, 16), (0.05, 8), (0.5, 3)])
 def test_achieved_fraction_matches_the_request(corpus, fraction, batch_size):
     plain = _load(_cfg(corpus))
