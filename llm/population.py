@@ -15,6 +15,9 @@ member's result.json under ``population.mode``:
 - ``loop`` (CPU): the members take turns, one step each, through the same compiled step.
   The cores are busy with one small model already (a vmap measured 0.7x-1.3x the aggregate
   tokens/s), so the gain on CPU is the start-up paid once instead of P times.
+
+A population trains on one device: it takes no ``mesh`` (llm.sharding); runs that need a
+device mesh train alone (``llm.training.train``).
 """
 
 from __future__ import annotations

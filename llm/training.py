@@ -84,7 +84,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(train_step_fn(graphdef, optimizer, cfg), donate_argnums=0)
 
 
-def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout: "Layout | None" = None):
+def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout: "sharding.Layout | None" = None):
     """(step, lr_at) for a run of ``total_steps``: ``step(state, tokens_BT1) -> (state, metrics)`` is
     ``make_train_step``'s, with the same numbers, but its compiled program takes the learning rate
     as an argument; ``lr_at(update)`` computes it from the run's schedule in a small program of its
@@ -147,7 +147,7 @@ def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     return step_fn
 
 
-def make_eval_step(graphdef: nnx.GraphDef, layout: "Layout | None" = None):
+def make_eval_step(graphdef: nnx.GraphDef, layout: "sharding.Layout | None" = None):
     """Jitted (params, tokens_BT1, valid_B) -> (summed nats, token count) on held-out data.
 
     Rows with ``valid_B`` False are padding: they add nothing to the loss and, with capacity
@@ -171,7 +171,7 @@ def make_eval_step(graphdef: nnx.GraphDef, layout: "Layout | None" = None):
     ))
 
 
-def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int, layout: "Layout | None" = None) -> float:
+def evaluate(eval_step, params, eval_tokens_NT1: np.ndarray, batch_size: int, layout: "sharding.Layout | None" = None) -> float:
     """Mean held-out loss in nats/token over a fixed set of sequences.
 
     Runs in batches of ``batch_size`` sequences (the training micro-batch, so eval fits

@@ -157,10 +157,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
         data = real_load(*args, **kwargs)
         real_batch = data.train_batch
 
-        def batch(step, size):
+        def batch(step, size, *rows):
             if step == 9:  # die inside step 10, after the checkpoint at step 8
                 raise stop("simulated kill")
-            return real_batch(step, size)
+            return real_batch(step, size, *rows)
 
         data.train_batch = batch
         return data
