@@ -392,7 +392,7 @@ def train(
 
 def init_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
     """(graphdef, state, layout): the train state {params, opt_state, step} created directly with
-    the shardings of ``mesh`` (each device computes only its shards), and its Layout.
+    the shardings of ``mesh`` (each device computes only its shards; one device: eagerly), and its Layout.
 
     The values are those of an eager ``Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))``
     and ``optimizer.init``, bit for bit (llm.layers.normal_param), on any mesh.
@@ -404,8 +404,9 @@ def init_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.s
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
     layout = sharding.state_layout(mesh, jax.eval_shape(init))
-    state = layout.on_mesh(jax.jit(init, out_shardings=layout.state))()
-    return graphdef, state, layout
+    if mesh.size == 1:  # eager: the random-number programs are shared across shapes (llm.layers.normal_param)
+        return graphdef, jax.device_put(init(), layout.state), layout
+    return graphdef, layout.on_mesh(jax.jit(init, out_shardings=layout.state))(), layout
 
 
 def flops_per_token_by_convention(cfg: Config) -> dict[str, float]:
