@@ -158,7 +158,10 @@ def _band(samples_k, samples_e, grid, percentiles):
 
 
 def plot_optimal(pts: Points, fits: dict, out_dir: Path) -> list[str]:
-    """N_opt(C) and D_opt(C): our approaches with bootstrap bands, Chinchilla and Kaplan references."""
+    """N_opt(C) and D_opt(C): our approaches with bootstrap bands, Chinchilla and Kaplan references.
+    Nothing when no approach was fitted (references alone say nothing about these runs)."""
+    if not fits.get("approaches"):
+        return []
     c = pts.points["flops"]
     grid = np.geomspace(c.min() / 3, max(max(fits["budgets"]), c.max() * 3), 200)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")

@@ -8,8 +8,8 @@ hidden states [tokens, d_model] and the unembedding [d_model, vocab], both bf16,
 train step differentiates it, and prints XLA's memory analysis of each program:
 temporaries (what the loss adds at its peak on top of its inputs and outputs) and the
 total with arguments and outputs. ``full`` is model.logits=full (float32 [tokens, vocab]
-logits through llm.training.cross_entropy); ``blockwise`` is llm.logits.blockwise_logits
-with the block llm.logits.block_tokens picks.
+logits through llm.logits.cross_entropy); ``blockwise`` is llm.logits.blockwise_logits,
+with the block llm.logits.block_tokens picks; both through llm.logits.hidden_state_loss.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llm.logits import block_tokens, blockwise_logits  # noqa: E402
-from llm.training import cross_entropy, cross_entropy_from_terms  # noqa: E402
+from llm.logits import block_tokens, hidden_state_loss  # noqa: E402
 
 
 def loss_memory(n_tokens: int, d_model: int, vocab: int, kind: str) -> tuple[int, int]:
@@ -32,16 +31,8 @@ def loss_memory(n_tokens: int, d_model: int, vocab: int, kind: str) -> tuple[int
     x = jax.ShapeDtypeStruct((n_tokens, d_model), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((d_model, vocab), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((n_tokens,), jnp.int32)
-
-    def full(x, w, t):
-        logits = jnp.einsum("nd,dv->nv", x, w, preferred_element_type=jnp.float32)
-        return cross_entropy(logits[None], t[None])[0]
-
-    def blockwise(x, w, t):
-        return cross_entropy_from_terms(*blockwise_logits(x, w, t, block_tokens(n_tokens, vocab)))[0]
-
-    compiled = jax.jit(jax.grad(full if kind == "full" else blockwise, argnums=(0, 1))).lower(x, w, t).compile()
-    m = compiled.memory_analysis()
+    loss = lambda x, w, t: hidden_state_loss(x, w, t, kind)[0]  # noqa: E731
+    m = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, t).compile().memory_analysis()
     return m.temp_size_in_bytes, m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
 

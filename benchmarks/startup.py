@@ -2,20 +2,27 @@
 
     python benchmarks/startup.py [--repeats 3] [--quickstart]
 
-Each measurement is a fresh Python process that does what ``llm.training.train`` does before
+Each measurement is a fresh Python process that does, for each of its runs, what ``llm.training.train`` does before
 its first step: import jax/flax/llm, load the tokenised corpus, build the model and optimiser
 state, compile and run the first train step, compile and run the first evaluation. Three
-cases, each with its own JAX persistent compilation cache folder:
+cases in a fresh process, sharing one JAX persistent compilation cache folder per repeat:
 
 - ``cold``: an empty cache (a shape never compiled on this machine);
 - ``warm``: the same run again (a re-run, or another seed of one shape);
 - ``other length``: the same shape for another number of steps (another token count or
   isoflop budget of one model size): only the small learning-rate program compiles again.
 
+Two more cases train runs in turn in one process, as a sweep's resident worker
+(``sweeps.resident_worker``) does, from an empty cache:
+
+- ``resident, new shape``: a run of a shape the process has not seen, after another shape
+  (imports and JAX's set-up already paid; its programs still compile);
+- ``resident, other length``: the same shape at another length after that.
+
 The table gives wall and CPU seconds per phase (median over ``--repeats``). CPU seconds are
 the steadier number on shared cores. ``--quickstart`` also times the README's main job
 (``chinchax sweep run experiments/quickstart.yaml``, 12 runs and the fit) from an empty
-compilation cache and again with a new sweep folder and the cache it left.
+compilation cache, with resident workers and with a process per run.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ QUICKSTART_RUN = [
     "model.compute_dtype=float32", "data.source=builtin:kjv", "train.batch_size=16", "train.eval_tokens=16384",
     "optim.warmup_steps=20", "train.progress=false", "train.tensorboard=false",
 ]  # fmt: skip
+# Another quickstart shape (C1e11 N=2.8e4), trained first in the resident-worker cases.
+OTHER_SHAPE = ["model.d_model=48", "model.n_heads=3", "model.d_ff=128", "train.steps=277"]
 PHASES = ("imports", "data", "init", "first step", "first eval")
 
 
-def child(overrides: list[str], started: float) -> None:
-    """Run the start-up phases in this (fresh) process; print {phase: [wall s, cpu s]} as JSON."""
+def child(runs: list[list[str]], started: float) -> None:
+    """Run the start-up phases of each run in turn in this (fresh) process, as a resident worker
+    does; print a JSON list with {phase: [wall s, cpu s]} per run."""
     marks = [("start", started, 0.0)]  # the parent's clock at spawn: interpreter start counts as imports
 
     def mark(name):
@@ -60,44 +70,56 @@ def child(overrides: list[str], started: float) -> None:
     from llm.optim import make_optimizer
 
     mark("imports")
-    cfg = load_config(None, overrides)
-    m, t = cfg.model, cfg.train
-    dataset = load_dataset(cfg.data, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=False)
-    eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
-    mark("data")
-    graphdef, params = nnx.split(Transformer(m, rngs=nnx.Rngs(t.seed)))
-    optimizer = make_optimizer(cfg.optim, total_steps(cfg))
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-    jax.block_until_ready(state)
-    mark("init")
-    step, _ = training.make_run_step(graphdef, cfg, total_steps(cfg))
-    state, metrics = step(state, dataset.train_batch(0, t.batch_size))
-    jax.block_until_ready(metrics)
-    mark("first step")
-    training.evaluate(training.make_eval_step(graphdef), state["params"], eval_set, t.batch_size)
-    mark("first eval")
-    out = {name: [marks[i][1] - marks[i - 1][1], marks[i][2] - marks[i - 1][2]] for i, (name, _, _) in enumerate(marks) if i}
+    out = []
+    for overrides in runs:
+        cfg = load_config(None, overrides)
+        m, t = cfg.model, cfg.train
+        dataset = load_dataset(cfg.data, vocab_size=m.vocab_size, seq_len=m.seq_len, eval_tokens=t.eval_tokens, progress=False)
+        eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
+        mark("data")
+        graphdef, params = nnx.split(Transformer(m, rngs=nnx.Rngs(t.seed)))
+        optimizer = make_optimizer(cfg.optim, total_steps(cfg))
+        state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        jax.block_until_ready(state)
+        mark("init")
+        step, _ = training.make_run_step(graphdef, cfg, total_steps(cfg))
+        state, metrics = step(state, dataset.train_batch(0, t.batch_size))
+        jax.block_until_ready(metrics)
+        mark("first step")
+        training.evaluate(training.make_eval_step(graphdef), state["params"], eval_set, t.batch_size)
+        mark("first eval")
+        out.append({name: [marks[i][1] - marks[i - 1][1], marks[i][2] - marks[i - 1][2]] for i, (name, _, _) in enumerate(marks) if i})
+        marks[:] = [("imports", marks[-1][1], marks[-1][2])]  # the next run in this process imports nothing
+        marks.append(("imports", time.time(), time.process_time()))
     print(json.dumps(out))
 
 
-def measure(overrides: list[str], cache: Path) -> dict[str, list[float]]:
-    """One fresh process's phases with ``cache`` as the persistent compilation cache."""
+def measure(runs: list[list[str]], cache: Path) -> list[dict[str, list[float]]]:
+    """The phases of each of ``runs``, trained in turn in one fresh process with ``cache`` as the
+    persistent compilation cache."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # fmt: skip
-    cmd = [sys.executable, __file__, "--child", json.dumps(overrides), str(time.time())]
+    cmd = [sys.executable, __file__, "--child", json.dumps(runs), str(time.time())]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def phases_table(repeats: int) -> str:
-    """Median wall / CPU seconds per phase for the cold, warm and other-length cases."""
-    cases: dict[str, list[dict]] = {"cold": [], "warm": [], "other length": []}
+    """Median wall / CPU seconds per phase: a run in a fresh process (cold, warm and other-length
+    compilation cache), and a run trained after another in one resident worker."""
+    cases: dict[str, list[dict]] = {"cold": [], "warm": [], "other length": [], "resident, new shape": [],
+                                    "resident, other length": []}  # fmt: skip
+    run, other_shape = QUICKSTART_RUN + ["train.steps=490"], QUICKSTART_RUN + OTHER_SHAPE
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp) / "jax"
-            cases["cold"].append(measure(QUICKSTART_RUN + ["train.steps=490"], cache))
-            cases["warm"].append(measure(QUICKSTART_RUN + ["train.steps=490"], cache))
-            cases["other length"].append(measure(QUICKSTART_RUN + ["train.steps=1470"], cache))
+            cases["cold"] += measure([run], cache)
+            cases["warm"] += measure([run], cache)
+            cases["other length"] += measure([QUICKSTART_RUN + ["train.steps=1470"]], cache)
+        with tempfile.TemporaryDirectory() as tmp:  # empty cache: what the quickstart's first launch pays
+            _, new_shape, other_length = measure([other_shape, run, QUICKSTART_RUN + ["train.steps=1470"]], Path(tmp) / "jax")
+            cases["resident, new shape"].append(new_shape)
+            cases["resident, other length"].append(other_length)
     lines = ["| phase | " + " | ".join(f"{c} wall s | {c} CPU s" for c in cases) + " |",
              "| --- |" + " ---: |" * (2 * len(cases))]  # fmt: skip
     for phase in PHASES + ("total",):
@@ -110,21 +132,23 @@ def phases_table(repeats: int) -> str:
 
 
 def quickstart_table() -> str:
-    """Wall and CPU seconds of the quickstart main job: empty cache, then again (new sweep folder)."""
+    """Wall and CPU seconds of the quickstart main job from an empty compilation cache, with
+    resident workers (the default) and with a process per run (``--process-per-run``)."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "jax")}
-        for i, case in enumerate(("empty compilation cache", "cache from the first launch")):
+    for case, flags in (("resident workers", []), ("a process per run", ["--process-per-run"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "jax")}
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             began = time.time()
             subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "run", str(REPO / "experiments/quickstart.yaml"),
-                            "--out", str(Path(tmp) / f"quickstart{i}")], env=env, check=True,
+                            "--out", str(Path(tmp) / "quickstart"), *flags], env=env, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            fits = json.loads((Path(tmp) / f"quickstart{i}" / "fits.json").read_text())
+            fits = json.loads((Path(tmp) / "quickstart" / "fits.json").read_text())
             rows.append(f"| {case} | {time.time() - began:.0f} | {cpu:.0f} | {_exponents(fits)} |")
-    return "\n".join(["| quickstart main job | wall s | CPU s | fitted exponents |", "| --- | ---: | ---: | --- |", *rows])
+    return "\n".join(["| quickstart main job, empty compilation cache | wall s | CPU s | fitted exponents |",
+                      "| --- | ---: | ---: | --- |", *rows])  # fmt: skip
 
 
 def _exponents(fits: dict) -> str:

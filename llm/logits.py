@@ -49,6 +49,52 @@ def blockwise_logits(x_ND: jax.Array, w_DV: jax.Array, targets_N: jax.Array, blo
     return _blockwise(x_ND, w_DV, targets_N, block)
 
 
+def cross_entropy(
+    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss (nats/token) and mean squared log-partition (for z-loss), in float32.
+
+    ``weights_BT`` (e.g. 1 for real tokens, 0 for padding) makes both weighted means, so padding
+    counts for nothing. Training and evaluation both call this one function.
+    """
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return cross_entropy_from_terms(log_z_BT, target_logit_BT, weights_BT)
+
+
+def cross_entropy_from_terms(
+    log_z_BT: jax.Array, target_logit_BT: jax.Array, weights_BT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy`` from each token's log-partition and target logit (float32), e.g. ``blockwise_logits``'."""
+    nll_BT = log_z_BT - target_logit_BT
+    if weights_BT is None:
+        return jnp.mean(nll_BT), jnp.mean(log_z_BT**2)
+    w_BT = weights_BT.astype(jnp.float32)
+    total = jnp.sum(w_BT)
+    total = jnp.where(total > 0, total, 1.0)  # an all-padding batch sums to 0, not 0/0
+    return jnp.sum(w_BT * nll_BT) / total, jnp.sum(w_BT * log_z_BT**2) / total
+
+
+def hidden_state_loss(x_ND: jax.Array, w_DV: jax.Array, targets_N: jax.Array, kind: str = "full",
+                      block: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy`` (mean nll in nats/token, mean log_z^2) of final hidden states x_ND against the
+    unembedding w_DV (both in the compute dtype), by either path of ``model.logits``.
+
+    kind "full" materialises float32 logits [tokens, vocab] and differentiates through them (the
+    plain path); "blockwise" goes through ``blockwise_logits`` with ``block`` tokens per block
+    (default ``block_tokens``), so no full float32 logits exist. Training's blockwise loss, the
+    loss-memory benchmark and its test all call this one function.
+    """
+    if kind == "full":
+        logits_NV = jnp.einsum("nd,dv->nv", x_ND, w_DV, preferred_element_type=jnp.float32)
+        return cross_entropy(logits_NV, targets_N)
+    if kind != "blockwise":
+        raise ValueError(f"kind must be 'full' or 'blockwise', got {kind!r}")
+    block = block or block_tokens(x_ND.shape[0], w_DV.shape[1])
+    return cross_entropy_from_terms(*blockwise_logits(x_ND, w_DV, targets_N, block))
+
+
 def _block_logits(x_bD, w_DV):
     return jnp.einsum("nd,dv->nv", x_bD, w_DV, preferred_element_type=jnp.float32)
 

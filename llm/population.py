@@ -44,8 +44,8 @@ from llm.metrics import MetricsLog, is_eval_step, peak_flops
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
 from llm.training import (RunResult, _check_same_config, _environment, _losses_so_far, _record, _resume, _Throughput,
-                          evaluate, failure, make_eval_step, run_result, run_summary, should_checkpoint, should_log,
-                          train_step_fn)  # fmt: skip
+                          evaluate, failure, fetch_metrics, make_eval_step, run_result, run_summary, should_checkpoint,
+                          should_log, train_step_fn)  # fmt: skip
 from rundir import CHECKPOINTS, CONFIG, RESULT, read_result, write_json_atomic, write_text_atomic
 
 MODES = ("auto", "vmap", "loop")
@@ -174,7 +174,7 @@ class _LoopStepper:
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
-        return jax.device_get(pending)
+        return fetch_metrics(pending)
 
 
 class _VmapStepper:
@@ -216,7 +216,7 @@ class _VmapStepper:
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
-        return [{k: v[i] for k, v in h.items()} for h in jax.device_get(pending)]
+        return [{k: v[i] for k, v in h.items()} for h in fetch_metrics(pending)]
 
 
 def train_population(

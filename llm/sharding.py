@@ -19,9 +19,15 @@ used twice in one spec), and an axis that would not divide the dimension evenly.
 activations [batch, seq, embed] under fsdp are split by batch only (embed's fsdp is taken),
 and a weight [embed, mlp] is split by fsdp and tensor.
 
-Public surface: ``make_mesh``, ``mesh_shape``, ``logical_param``, ``logical_spec``,
-``param_shardings``, ``state_shardings``, ``batch_sharding``, ``place_batch``, ``constrain``,
-``mesh_summary``.
+Public surface:
+  the mesh        ``make_mesh(cfg)``, ``mesh_shape(cfg, n_devices)``, ``mesh_summary(mesh)``
+  the model       ``logical_param(value, names)``, ``constrain(x, names)``
+  specs           ``logical_spec(names, axis_sizes, shape)``, ``param_specs``, ``param_shardings``,
+                  ``state_shardings`` (params and the optax state that mirrors them; scalars replicated)
+  a run           ``state_layout(mesh, state) -> Layout``: the state's shardings, ``batch`` / ``rows`` /
+                  ``replicated`` shardings, ``host_rows`` and ``put`` (each host places only its
+                  rows: ``jax.make_array_from_process_local_data``), ``on_mesh(fn)`` (``jax.set_mesh``).
+To restore a checkpoint onto a mesh, build the targets from ``state_layout(...).state``.
 """
 
 from __future__ import annotations

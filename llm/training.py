@@ -35,7 +35,7 @@ from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
 from rundir import BRANCH_POINTS, CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
-from llm.logits import block_tokens, blockwise_logits
+from llm.logits import cross_entropy, hidden_state_loss
 from llm import sharding
 from llm.model import Transformer
 from llm.moe import moe_kernel
@@ -53,33 +53,6 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def cross_entropy(
-    logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token loss (nats/token) and mean squared log-partition (for z-loss), in float32.
-
-    ``weights_BT`` (e.g. 1 for real tokens, 0 for padding) makes both weighted means, so padding
-    counts for nothing. Training and evaluation both call this one function.
-    """
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return cross_entropy_from_terms(log_z_BT, target_logit_BT, weights_BT)
-
-
-def cross_entropy_from_terms(
-    log_z_BT: jax.Array, target_logit_BT: jax.Array, weights_BT: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """``cross_entropy`` from each token's log-partition and target logit (float32), e.g. llm.logits'."""
-    nll_BT = log_z_BT - target_logit_BT
-    if weights_BT is None:
-        return jnp.mean(nll_BT), jnp.mean(log_z_BT**2)
-    w_BT = weights_BT.astype(jnp.float32)
-    total = jnp.sum(w_BT)
-    total = jnp.where(total > 0, total, 1.0)  # an all-padding batch sums to 0, not 0/0
-    return jnp.sum(w_BT * nll_BT) / total, jnp.sum(w_BT * log_z_BT**2) / total
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, z_loss_coef: float):
@@ -102,9 +75,7 @@ def _blockwise_loss(model: Transformer, tokens_BT1: jax.Array):
     """(loss, mean squared log-partition, aux) of model.logits = blockwise: no full float32 logits."""
     x_BTD, aux = model.hidden(tokens_BT1[:, :-1])
     b, t, d = x_BTD.shape
-    block = block_tokens(b * t, model.cfg.vocab_size)
-    log_z_N, target_N = blockwise_logits(x_BTD.reshape(b * t, d), model.unembedding(), tokens_BT1[:, 1:].reshape(-1), block)
-    loss, z_squared = cross_entropy_from_terms(log_z_N, target_N)
+    loss, z_squared = hidden_state_loss(x_BTD.reshape(b * t, d), model.unembedding(), tokens_BT1[:, 1:].reshape(-1), "blockwise")
     return loss, z_squared, aux
 
 
@@ -421,7 +392,7 @@ def train(
 
 def init_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
     """(graphdef, state, layout): the train state {params, opt_state, step} created directly with
-    the shardings of ``mesh`` (each device computes only its shards), and its Layout.
+    the shardings of ``mesh`` (each device computes only its shards; one device: eagerly), and its Layout.
 
     The values are those of an eager ``Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))``
     and ``optimizer.init``, bit for bit (llm.layers.normal_param), on any mesh.
@@ -433,8 +404,9 @@ def init_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.s
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
     layout = sharding.state_layout(mesh, jax.eval_shape(init))
-    state = layout.on_mesh(jax.jit(init, out_shardings=layout.state))()
-    return graphdef, state, layout
+    if mesh.size == 1:  # eager: the random-number programs are shared across shapes (llm.layers.normal_param)
+        return graphdef, jax.device_put(init(), layout.state), layout
+    return graphdef, layout.on_mesh(jax.jit(init, out_shardings=layout.state))(), layout
 
 
 def flops_per_token_by_convention(cfg: Config) -> dict[str, float]:

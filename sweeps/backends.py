@@ -5,14 +5,24 @@ everywhere: it takes its own lock, trains, and records its own failure. A backen
 starts commands, reports exit codes, and stops commands on interrupt.
 
 Local: K processes at a time. With several GPUs each run gets its own
-``gpus_per_run`` devices through CUDA_VISIBLE_DEVICES and K = n_gpus / gpus_per_run.
-On CPU each run is pinned to its share of the cores (sched_setaffinity, which XLA's
-thread pool follows) and K defaults to one run per core, at most 4. Children are in their
-own session and die with the sweep (PR_SET_PDEATHSIG on Linux), so a killed sweep
-leaves no orphan training.
+``gpus_per_run`` devices through CUDA_VISIBLE_DEVICES (the run sees exactly those, and its
+mesh spans them) and K = n_gpus / gpus_per_run. On a TPU host (found from /dev/accel*,
+/dev/vfio or TPU_VISIBLE_CHIPS, without importing JAX) one run at a time gets all of the
+host's chips: a TPU chip serves one process. On CPU each run is pinned to its share of the
+cores (sched_setaffinity, which XLA's thread pool follows) and K defaults to one run per
+core, at most 4. Children are in their own session and die with the sweep
+(PR_SET_PDEATHSIG on Linux), so a killed sweep leaves no orphan training. By default each slot keeps one
+resident worker process (``sweeps.resident_worker``) that runs the slot's worker commands
+one after another, so imports, the corpus and compiled programs are paid once per slot
+instead of once per run; exit codes, logs and failures stay per run, and a run that kills
+its process costs only a fresh process for the next one (``resident=False``: a process per run).
 
-Ray: each run is a Ray task with its resource request (num_cpus, num_gpus); Ray sets
-CUDA_VISIBLE_DEVICES for the task. ``ray`` is an optional extra, imported lazily.
+Ray: each run is a Ray task with its resource request (``num_cpus``, and ``num_gpus`` or
+``TPU`` chips); Ray sets CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS for the task. Run
+directories, logs and locks are on the sweep directory, which every node must see (shared
+storage). A task whose Ray worker process or node died reports ``WORKER_LOST`` (the runner
+retries the run from its checkpoint); a run that fails on its own reports its exit code 1.
+``ray`` is an optional extra, imported lazily.
 """
 
 from __future__ import annotations
@@ -20,12 +30,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from llm.config import ConfigError
+from sweeps.lock import RAY_NODE_ENV, LOST_AFTER_S
+from sweeps.resident_worker import ResidentWorker, servable
 
 
 def visible_gpus() -> list[str]:
@@ -50,8 +63,23 @@ def usable_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def tpu_chips(dev: Path = Path("/dev")) -> list[str]:
+    """TPU chips of this host, found without importing JAX; [] elsewhere.
+
+    TPU_VISIBLE_CHIPS when set (Ray and multi-process launches set it), else the chips'
+    device files under ``dev``: accel<i> (TPU v2-v5) or vfio/<i> (v6e and later).
+    """
+    env = os.environ.get("TPU_VISIBLE_CHIPS")
+    if env is not None:
+        return [c.strip() for c in env.split(",") if c.strip()]
+    accel = [p.name[len("accel") :] for p in dev.glob("accel*")]
+    chips = [c for c in accel if c.isdigit()] or [p.name for p in (dev / "vfio").glob("*") if p.name.isdigit()]
+    return sorted(chips, key=int)
+
+
 def default_parallel(gpus_per_run: int = 1) -> int:
-    """Runs at a time that fit this machine: one per GPU group; on CPU one per core, at most 4.
+    """Runs at a time that fit this machine: one per GPU group; one on a TPU host; on CPU one
+    per core, at most 4.
 
     Small CPU models scale poorly over threads (one single-threaded run per core trained
     about 1.8x the tokens/s of one run on two cores in our measurements), while past
@@ -60,6 +88,8 @@ def default_parallel(gpus_per_run: int = 1) -> int:
     gpus = visible_gpus()
     if gpus:
         return max(1, len(gpus) // gpus_per_run)
+    if tpu_chips():
+        return 1
     return max(1, min(len(usable_cores()), 4))
 
 
@@ -92,8 +122,11 @@ class LocalBackend:
     """K subprocesses at a time on this machine, each pinned to its own devices or cores."""
 
     name = "local"
+    # Jobs after which a resident worker is replaced by a fresh one: JAX keeps every program a
+    # process compiled, so a long sweep of many shapes would otherwise grow one process without end.
+    resident_max_jobs = 32
 
-    def __init__(self, parallel: int | None = None, gpus_per_run: int = 1):
+    def __init__(self, parallel: int | None = None, gpus_per_run: int = 1, resident: bool = True):
         if gpus_per_run < 1:
             raise ConfigError(f"--gpus-per-run must be >= 1, got {gpus_per_run}")
         gpus = visible_gpus()
@@ -111,22 +144,38 @@ class LocalBackend:
                 if shares > 1:  # JAX preallocates 75% of a GPU: split it between the runs instead
                     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / shares:.2f}"
                 self.slots.append({"env": env, "cores": None})
+        elif chips := tpu_chips():
+            if self.parallel > 1 or gpus_per_run not in (1, len(chips)):  # 1: the default
+                asked = f"--parallel {self.parallel}" if self.parallel > 1 else f"--gpus-per-run {gpus_per_run}"
+                raise ConfigError(
+                    f"{asked} on a TPU host: its {len(chips)} chip(s) serve one process, so runs take turns "
+                    "using all of them; for runs side by side use --backend ray (1, 2 or 4 chips per run)"
+                )
+            self.slots.append({"env": {}, "cores": None})  # all chips, all cores: no CPU thread limits
         else:
             cores = usable_cores()
             per_run = max(1, len(cores) // self.parallel)
             for i in range(self.parallel):
                 mine = [cores[(i * per_run + j) % len(cores)] for j in range(per_run)]
                 self.slots.append({"env": thread_env(per_run), "cores": mine})
-        self.busy: dict[int, subprocess.Popen] = {}
+        self.busy: dict[int, subprocess.Popen | ResidentWorker] = {}
+        self.resident = resident
+        self.residents: dict[int, ResidentWorker] = {}  # slot -> its resident worker, idle or busy
 
     def free(self) -> int:
         """How many more runs can start now."""
         return self.parallel - len(self.busy)
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        """Start ``cmd`` in a free slot; returns a handle for poll/stop."""
+        """Start ``cmd`` in a free slot; returns a handle for poll/stop. A worker command goes to
+        the slot's resident worker (started, or restarted if it died or the env changed)."""
         slot = next(i for i in range(self.parallel) if i not in self.busy)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        job = servable(cmd) if self.resident else None
+        if job is not None:
+            self.busy[slot] = self._resident(slot, env, log_path)
+            self.busy[slot].submit(*job, log_path)
+            return slot
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -140,6 +189,19 @@ class LocalBackend:
         self.busy[slot] = proc
         return slot
 
+    def _resident(self, slot: int, env: dict[str, str], log_path: Path) -> ResidentWorker:
+        """The slot's idle resident worker for ``env``, started anew when there is none alive."""
+        full_env = {**os.environ, **env, **self.slots[slot]["env"]}
+        worker = self.residents.get(slot)
+        if worker is not None and (not worker.alive() or worker.env != full_env or worker.jobs >= self.resident_max_jobs):
+            worker.close()
+            worker = None
+        if worker is None:
+            cores = self.slots[slot]["cores"]
+            worker = ResidentWorker(full_env, log_path, preexec_fn=lambda: _child_setup(cores))
+            self.residents[slot] = worker
+        return worker
+
     def poll(self, handle: int) -> int | None:
         """Exit code of a finished run (negative: killed by that signal), or None while running."""
         rc = self.busy[handle].poll()
@@ -150,6 +212,10 @@ class LocalBackend:
     def stop(self, handle: int, grace_s: float = 15.0) -> None:
         """SIGTERM (the worker saves nothing half-done and frees its lock), then SIGKILL."""
         proc = self.busy.pop(handle, None)
+        if isinstance(proc, ResidentWorker):
+            self.residents.pop(handle, None)
+            proc.stop(grace_s)
+            return
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
@@ -159,19 +225,69 @@ class LocalBackend:
             proc.kill()
             proc.wait()
 
+    def owner_lost(self, owner: dict) -> bool:
+        """Never: a lock taken on this machine is checked by its pid (sweeps.lock)."""
+        return False
+
     def close(self) -> None:
         for handle in list(self.busy):
             self.stop(handle)
+        for worker in self.residents.values():  # idle ones: end of input
+            worker.close()
+        self.residents.clear()
+
+
+WORKER_LOST = 1000  # poll's answer for a run whose Ray worker process or node died (no exit code; > 255)
+DEFAULT_MAX_RETRIES = 3  # times the runner starts a run again after its worker was lost
 
 
 def _ray_run_command(cmd: list[str], env: dict[str, str], log_path: str) -> int:
-    """Body of the Ray task: run the worker command on whichever node Ray chose."""
+    """Body of the Ray task: run the worker command on whichever node Ray chose.
+
+    The log says which node ran each attempt; the worker's lock records the node too
+    (RAY_NODE_ENV), so a sweep can tell a lock left by a dead node.
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        # preexec: the run dies with the Ray worker when the task is cancelled.
+        log.write(f"[chinchax] ray node {node} on {socket.gethostname()}, ray worker pid {os.getpid()}\n".encode())
+        log.flush()
+        # preexec: the run dies with the Ray worker when the task is cancelled or the worker is killed.
         return subprocess.run(
-            cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: _child_setup(None)
+            cmd, env={**os.environ, **env, RAY_NODE_ENV: node}, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: _child_setup(None),
         ).returncode
+
+
+def ray_resources(cluster: dict[str, float], nodes: list[dict[str, float]], accelerators_per_run: int,
+                  cpus_per_run: float) -> dict[str, Any]:  # fmt: skip
+    """Ray task options of one run: ``num_cpus``, and ``num_gpus`` or ``resources={"TPU": k}``.
+
+    ``cluster``: ``ray.cluster_resources()``; ``nodes``: each live node's resources. On a
+    cluster with GPUs a run asks for ``accelerators_per_run`` GPUs, with TPUs for that many
+    chips, else for CPUs only. A request no node can meet is an error now, not a run queued
+    forever.
+    """
+    if cpus_per_run <= 0:
+        raise ConfigError(f"--cpus-per-run must be > 0, got {cpus_per_run}")
+    options: dict[str, Any] = {"num_cpus": cpus_per_run}
+    kind = next((k for k in ("GPU", "TPU") if cluster.get(k, 0) > 0), None)
+    if kind == "GPU":
+        options["num_gpus"] = float(accelerators_per_run)
+    elif kind == "TPU":
+        options["resources"] = {"TPU": float(accelerators_per_run)}
+    need = {"CPU": cpus_per_run, **({kind: float(accelerators_per_run)} if kind else {})}
+    if nodes and not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        largest = max(nodes, key=lambda node: tuple(node.get(k, 0) for k in need))
+        have = ", ".join(f"{largest.get(k, 0):g} {k}" for k in need)
+        raise ConfigError(
+            "no node of the Ray cluster can run a run: each asks for "
+            + ", ".join(f"{v:g} {k}" for k, v in need.items())
+            + f" (--cpus-per-run, --gpus-per-run); the largest node has {have}"
+        )
+    return options
 
 
 # Ray's switch for a single-machine instance (its default on macOS and Windows): the node
@@ -203,11 +319,12 @@ def ray_init_kwargs(address: str | None) -> dict[str, Any]:
 
 
 class RayBackend:
-    """Each run a Ray task with ``num_cpus``/``num_gpus``; Ray packs them onto the cluster."""
+    """Each run a Ray task with its resource request; Ray packs them onto the cluster's nodes."""
 
     name = "ray"
 
-    def __init__(self, parallel: int | None = None, num_cpus: float = 1.0, gpus_per_run: int = 1, address: str | None = None):
+    def __init__(self, parallel: int | None = None, cpus_per_run: float = 1.0, gpus_per_run: int = 1,
+                 address: str | None = None):  # fmt: skip
         address = address or os.environ.get("RAY_ADDRESS")
         try:
             import ray
@@ -218,10 +335,17 @@ class RayBackend:
             if not address:
                 ray_local_only()
             ray.init(**ray_init_kwargs(address))
-        num_gpus = float(gpus_per_run) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        cluster = ray.cluster_resources()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] if hasattr(ray, "nodes") else []
+        options = ray_resources(cluster, nodes, gpus_per_run, cpus_per_run)
+        # On CPU nodes a run's threads match its CPUs, as the local backend's do.
+        on_cpu = "num_gpus" not in options and "resources" not in options
+        self.env = thread_env(max(1, int(cpus_per_run))) if on_cpu else {}
         self.parallel = parallel or 1_000_000  # Ray queues tasks by their resource request
-        self.task = ray.remote(_ray_run_command).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        # Ray retries nothing itself: the runner decides (a run's own failure is final, a lost worker is retried).
+        self.task = ray.remote(_ray_run_command).options(max_retries=0, **options)
         self.busy: dict[int, Any] = {}
+        self.lost: dict[int, str] = {}  # handle -> why its worker was lost
         self._next = 0
 
     def free(self) -> int:
@@ -229,10 +353,11 @@ class RayBackend:
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
         self._next += 1
-        self.busy[self._next] = self.task.remote(cmd, env, str(log_path))
+        self.busy[self._next] = self.task.remote(cmd, {**env, **self.env}, str(log_path))
         return self._next
 
     def poll(self, handle: int) -> int | None:
+        """The worker's exit code; WORKER_LOST if its Ray worker or node died (``lost[handle]`` says how)."""
         ref = self.busy[handle]
         ready, _ = self.ray.wait([ref], timeout=0)
         if not ready:
@@ -240,8 +365,19 @@ class RayBackend:
         del self.busy[handle]
         try:
             return int(self.ray.get(ref))
-        except Exception:  # the task itself died (node lost, worker crashed)
-            return -int(signal.SIGKILL)
+        except self.ray.exceptions.RayTaskError as err:  # the task body raised: ours to fix, not a lost worker
+            self.lost[handle] = f"{type(err.cause).__name__}: {err.cause}"
+            return 1
+        except self.ray.exceptions.RayError as err:  # worker crashed, node died, out of memory, ...
+            self.lost[handle] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            return WORKER_LOST
+
+    def owner_lost(self, owner: dict) -> bool:
+        """Whether a lock's owner ran on a Ray node that Ray declared dead and its heartbeat has stopped."""
+        node = owner.get("ray_node")
+        if not node or owner.get("age_s", 0.0) <= LOST_AFTER_S:
+            return False
+        return any(n.get("NodeID") == node and not n.get("Alive") for n in self.ray.nodes())
 
     def stop(self, handle: int, grace_s: float = 15.0) -> None:
         ref = self.busy.pop(handle, None)
@@ -253,12 +389,14 @@ class RayBackend:
             self.stop(handle)
 
 
-def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1) -> LocalBackend | RayBackend:
-    """Backend by name: 'local' or 'ray'."""
+def make_backend(name: str, parallel: int | None = None, gpus_per_run: int = 1, *, address: str | None = None,
+                 cpus_per_run: float = 1.0, resident: bool = True) -> LocalBackend | RayBackend:  # fmt: skip
+    """Backend by name: 'local' or 'ray' (``address``: the Ray cluster to join; ``cpus_per_run``: Ray's request;
+    ``resident``: LocalBackend's resident workers)."""
     if name == "local":
-        return LocalBackend(parallel, gpus_per_run)
+        return LocalBackend(parallel, gpus_per_run, resident)
     if name == "ray":
-        return RayBackend(parallel, gpus_per_run=gpus_per_run)
+        return RayBackend(parallel, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, address=address)
     raise ConfigError(f"--backend {name!r} is not known; choose local or ray")
 
 

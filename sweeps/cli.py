@@ -512,11 +512,25 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     common(q, out=False)
     q.set_defaults(func=_cmd_sweep_plan)
 
+    from sweeps.backends import DEFAULT_MAX_RETRIES
+
     q = actions.add_parser("run", help="train the unfinished runs of a spec, then fit", formatter_class=_Formatter)
     common(q)
-    q.add_argument("--backend", choices=("local", "ray"), default="local", help="local subprocesses or Ray tasks")
-    q.add_argument("--parallel", type=_positive_int, default=None, help="runs at a time (default: one per GPU; on CPU one per core, at most 4)")
-    q.add_argument("--gpus-per-run", type=_positive_int, default=1, help="accelerators given to each run")
+    q.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local subprocesses, or Ray tasks on a cluster (then --out must be on storage every node "
+                        "sees, e.g. NFS or Lustre: runs, logs and locks are written there)")  # fmt: skip
+    q.add_argument("--parallel", type=_positive_int, default=None,
+                   help="runs at a time (default: one per GPU group; one on a TPU host; on CPU one per core, at most 4)")
+    q.add_argument("--gpus-per-run", type=_positive_int, default=1,
+                   help="GPUs (or, on Ray, TPU chips) given to each run, which it uses as its mesh; a local TPU "
+                        "host gives each run all its chips")  # fmt: skip
+    q.add_argument("--address", default=None,
+                   help="with --backend ray: the cluster to join, e.g. 10.0.0.5:6379, or auto on one of its nodes "
+                        "(default: $RAY_ADDRESS, else a local Ray instance)")  # fmt: skip
+    q.add_argument("--cpus-per-run", type=_positive_float, default=1.0, help="with --backend ray: CPUs each run asks for")
+    q.add_argument("--max-retries", type=_count, default=DEFAULT_MAX_RETRIES,
+                   help="with --backend ray: times a run whose worker process or node died is started again (it "
+                        "resumes from its checkpoint); a run that fails on its own is not retried")  # fmt: skip
     q.add_argument("--retry-failed", action="store_true", help="also retry runs whose result.json says failed")
     q.add_argument("--no-fit", action="store_true", help="skip the spec's fit step")
     q.add_argument("--include-stale", action="store_true",
@@ -529,6 +543,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                         "one per slot (one process each; vmapped on a GPU/TPU, in turn on CPU); off: every run in its "
                         "own process")  # fmt: skip
     q.add_argument("--max-population", type=_positive_int, default=16, help="most runs trained as one population")
+    q.add_argument("--process-per-run", action="store_true",
+                   help="local backend: start a fresh process for every run (default: one resident worker per slot "
+                        "trains its runs in turn, paying imports and compilation once)")  # fmt: skip
     q.add_argument("--train-fn", default="llm.training:train", help=argparse.SUPPRESS)
     q.add_argument("--population-fn", default="llm.population:train_population", help=argparse.SUPPRESS)
     q.set_defaults(func=_cmd_sweep_run)
@@ -564,11 +581,15 @@ def _cmd_sweep_run(args: argparse.Namespace) -> int:
         backend=args.backend,
         parallel=args.parallel,
         gpus_per_run=args.gpus_per_run,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        max_retries=args.max_retries,
         retry_failed=args.retry_failed,
         train_fn=args.train_fn,
         population=args.population,
         max_population=args.max_population,
         population_fn=args.population_fn,
+        resident=not args.process_per_run,
         fit=not args.no_fit,
         include_stale=args.include_stale,
         raw_spec=raw,

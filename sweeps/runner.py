@@ -15,6 +15,10 @@ With an ``eval:`` section each run is evaluated by its worker right after traini
 that only evaluates. A failed evaluation is recorded in the run's evals/failed.json, shown
 in the index and the summary, and retried only with ``retry_failed``.
 
+On Ray a run whose worker was lost (its Ray worker process or node died, ``WORKER_LOST``)
+is queued again, up to ``max_retries`` times, and resumes from its checkpoint; a run that
+fails on its own (its worker exits 1 and result.json says failed) is not retried.
+
 Re-running the same command is always safe: done runs are skipped, interrupted runs
 resume from their checkpoints (train does that), failed runs are retried only with
 ``retry_failed``, and runs locked by another live launch are waited for, never run twice.
@@ -33,10 +37,10 @@ from typing import Any, Callable
 import yaml
 
 from llm.config import ConfigError, dump_config
-from sweeps.backends import make_backend, worker_command
+from sweeps.backends import DEFAULT_MAX_RETRIES, WORKER_LOST, make_backend, worker_command
 from sweeps.evals import eval_failure, eval_spec_to_json, needs_eval
 from sweeps.index import index_row, lock_path, run_state, write_index
-from sweeps.lock import holder
+from sweeps.lock import break_lock, holder
 from sweeps.plan import PlannedRun, expand
 from sweeps.populations import DEFAULT_MAX_SIZE, DEFAULT_POPULATION_FN, launch_units, memory_fits, population_command
 from sweeps.spec import SweepSpec
@@ -132,6 +136,8 @@ class Progress:
 
 
 def _exit_reason(rc: int) -> str:
+    if rc == WORKER_LOST:
+        return "worker lost (its Ray worker process or node died)"
     if rc < 0:
         try:
             sig = signal.Signals(-rc).name
@@ -279,6 +285,17 @@ def after_exit(rc: int, result: dict | None) -> tuple[str, bool]:
     return ("done" if result.get("status") == "done" else "failed"), counted
 
 
+def should_retry(status: str, rc: int, retries: int, max_retries: int) -> bool:
+    """Whether a run whose worker exited with ``rc`` (``status`` from ``after_exit``) is queued again.
+
+    Only a lost worker (``WORKER_LOST``: its Ray worker process or node died) that left no
+    result.json is, while fewer than ``max_retries`` retries were made; the retry resumes from
+    the run's checkpoint. A run's own failure, or a process killed by a signal on a living
+    worker (most often out of memory), would fail again: those are recorded, not retried.
+    """
+    return status == "lost" and rc == WORKER_LOST and retries < max_retries
+
+
 def after_wait(state: str) -> str:
     """Status of a run held by another launch, given its state on disk now."""
     if state in ("done", "failed"):
@@ -308,9 +325,12 @@ class _Launch:
     """The mutable state of one launch: statuses, workers, and the index it keeps on disk."""
 
     def __init__(self, spec: SweepSpec, sweep_dir: Path, runs: list[PlannedRun], env: dict[str, str], train_fn: str,
-                 population_fn: str = DEFAULT_POPULATION_FN):  # fmt: skip
+                 population_fn: str = DEFAULT_POPULATION_FN, max_retries: int = DEFAULT_MAX_RETRIES,
+                 say: Callable[[str], None] = print):  # fmt: skip
         self.spec, self.sweep_dir, self.runs, self.env, self.train_fn = spec, sweep_dir, runs, env, train_fn
         self.population_fn = population_fn
+        self.max_retries, self.say = max_retries, say
+        self.retries: dict[str, int] = {}  # run name -> times its lost worker was replaced
         self.status: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.active: dict[str, int] = {}  # run name -> backend handle (one handle for a population's members)
@@ -344,13 +364,23 @@ class _Launch:
             for member in self.units.get(name, [name]):
                 if self.status[member] != "queued":
                     continue  # started, finished or held elsewhere
-                if holder(lock_path(self.sweep_dir, member)) is not None:
+                if self.lock_holder(backend, member) is not None:
                     self.status[member] = "waiting"
                     continue
                 members.append(member)
             if members:
                 self._start_unit(backend, members)
                 free -= 1
+
+    def lock_holder(self, backend, name: str) -> dict | None:
+        """The live owner of run ``name``'s lock; a lock left on a node the backend knows dead is removed."""
+        path = lock_path(self.sweep_dir, name)
+        owner = holder(path)
+        if owner is not None and backend.owner_lost(owner):
+            if break_lock(path, owner, lambda now: now is None or backend.owner_lost(now)):
+                self.say(f"{name}: removed the lock its worker left on dead Ray node {owner.get('ray_node')}")
+            owner = holder(path)
+        return owner
 
     def _start_unit(self, backend, members: list[str]) -> None:
         """One worker: a single run, or a population (its log is its first member's; the others point there)."""
@@ -381,21 +411,32 @@ class _Launch:
             rc = backend.poll(handle)
             if rc is None:
                 continue
+            why = getattr(backend, "lost", {}).pop(handle, None)  # what Ray said of a lost or broken task
             for name in names:
                 del self.active[name]
-                self._exited(name, rc, bar, population=len(names) > 1)
+                self._exited(name, rc, bar, population=len(names) > 1, why=why)
 
-    def _exited(self, name: str, rc: int, bar: Progress, population: bool) -> None:
-        """Record one run whose worker exited with ``rc``."""
+    def _exited(self, name: str, rc: int, bar: Progress, population: bool, why: str | None = None) -> None:
+        """Record one run whose worker exited with ``rc`` (``why``: the backend's account of a lost worker)."""
         result = read_result(self.sweep_dir / name)
         status, counted = after_exit(rc, result)
         if status == "lost" and population and holder(lock_path(self.sweep_dir, name)) is not None:
             status, counted = "waiting", False  # another launch locked this member first
-        if not counted:
-            self.trained.remove(name)
+        retry = should_retry(status, rc, self.retries.get(name, 0), self.max_retries)
+        if not counted or retry:
+            self.trained.remove(name)  # a retry is counted when it starts
+        if retry:
+            self.retries[name] = self.retries.get(name, 0) + 1
+            self.status[name] = "queued"
+            self.say(f"{name}: worker lost ({why}); retry {self.retries[name]} of {self.max_retries} "
+                     "resumes from its checkpoint")  # fmt: skip
+            return
         if status == "lost":
             tail = _log_tail(self.logs.get(name, self.sweep_dir / "logs" / f"{name}.log"))
-            write_failure(self.sweep_dir / name, name, _exit_reason(rc) + (f"; log: {tail}" if tail else ""))
+            reason = _exit_reason(rc) + (f": {why}" if why else "")
+            if rc == WORKER_LOST and self.retries.get(name):
+                reason += f", after {self.retries[name]} retries (--max-retries {self.max_retries})"
+            write_failure(self.sweep_dir / name, name, reason + (f"; log: {tail}" if tail else ""))
             result = read_result(self.sweep_dir / name)
             status = "failed"
         self.status[name] = status
@@ -404,10 +445,13 @@ class _Launch:
         if status != "waiting":
             bar.finished(name)
 
-    def recheck_waiting(self) -> None:
-        """Follow the runs another launch holds: finished there, still running, or left to us."""
+    def recheck_waiting(self, backend=None) -> None:
+        """Follow the runs another launch holds: finished there, still running, or left to us (also
+        when the backend knows that the lock's node died)."""
         for name, st in self.status.items():
             if st == "waiting":
+                if backend is not None:
+                    self.lock_holder(backend, name)
                 self.status[name] = after_wait(run_state(self.sweep_dir, name))
 
     def busy(self) -> bool:
@@ -421,11 +465,15 @@ def run_sweep(
     backend: str = "local",
     parallel: int | None = None,
     gpus_per_run: int = 1,
+    address: str | None = None,
+    cpus_per_run: float = 1.0,
+    max_retries: int = DEFAULT_MAX_RETRIES,
     retry_failed: bool = False,
     train_fn: str = DEFAULT_TRAIN_FN,
     population: str = "auto",
     max_population: int = DEFAULT_MAX_SIZE,
     population_fn: str = DEFAULT_POPULATION_FN,
+    resident: bool = True,
     fit: bool = True,
     include_stale: bool = False,
     progress: bool = True,
@@ -444,12 +492,21 @@ def run_sweep(
     ``population="auto"`` trains runs that differ only in seeds, learning rate or weight decay
     together, up to ``max_population`` per process (``sweeps.populations``); ``"off"`` trains
     every run alone. A custom ``train_fn`` trains runs alone unless ``population_fn`` is given too.
+
+    ``backend="ray"`` joins the Ray cluster at ``address`` (or $RAY_ADDRESS; else starts a local
+    instance); each run asks for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs or TPU chips, and
+    ``sweep_dir`` must be on storage every node sees. A run whose worker was lost is retried up to
+    ``max_retries`` times (``should_retry``).
+    ``resident`` (local backend): each slot's runs go in turn to one long-lived worker process
+    (``sweeps.resident_worker``); False starts a process per run.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if population not in ("auto", "off"):
         raise ConfigError(f"--population {population!r} is not known; choose auto or off")
     if max_population < 1:
         raise ConfigError(f"--max-population must be >= 1, got {max_population}")
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
     runs = expand(spec)  # every validation error surfaces here, before anything is written
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else default_sweep_dir(spec)
     sweep_dir = sweep_dir.resolve()
@@ -457,7 +514,8 @@ def run_sweep(
     env = run_env(jax_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None))
     if train_fn != DEFAULT_TRAIN_FN and population_fn == DEFAULT_POPULATION_FN:
         population = "off"  # a custom train function trains one run; populations would bypass it
-    launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn), _absolute_train_fn(population_fn))
+    launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn), _absolute_train_fn(population_fn),
+                     max_retries=max_retries, say=say)  # fmt: skip
     to_evaluate = 0
     for run in runs:
         state = run_state(sweep_dir, run.name)
@@ -479,8 +537,9 @@ def run_sweep(
     last_wait_check = 0.0
     try:
         while launch.busy():
-            if backend_obj is None and "queued" in launch.status.values():
-                backend_obj = make_backend(backend, parallel, gpus_per_run)
+            if backend_obj is None and {"queued", "waiting"} & set(launch.status.values()):  # waiting: locks to follow
+                backend_obj = make_backend(backend, parallel, gpus_per_run, address=address, cpus_per_run=cpus_per_run,
+                                           resident=resident)
                 if population == "auto":
                     launch.units = _population_units(launch, sweep_dir, backend_obj, parallel, gpus_per_run, max_population)
             if backend_obj is not None:
@@ -488,7 +547,7 @@ def run_sweep(
                 launch.collect(backend_obj, bar)
             if time.monotonic() - last_wait_check > 2.0:  # another launch's runs: look now and then
                 last_wait_check = time.monotonic()
-                launch.recheck_waiting()
+                launch.recheck_waiting(backend_obj)
             changed = launch.status != launch.written
             launch.write_index()
             remaining = [n for n, s in launch.status.items() if s in ("queued", "running", "waiting")]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import AnalysisError, allocate, beyond, data_constrained, overtraining, parametric, references
-from analysis.api import fit_path
+from analysis.api import fit_path, plot_path
 from sweeps.cli import main
 
 
@@ -205,6 +205,8 @@ def test_lr_scaling_recovers_the_rule_and_writes_a_recipe(lr_table, tmp_path):
     assert not any(b["lr_on_edge"] or b["batch_on_edge"] for b in res["budgets"])
     assert "## Learning rate and batch size" in (tmp_path / "report.md").read_text()
     assert [Path(p).name for p in beyond.draw_all(fits, tmp_path)] == ["lr_scaling.png", "lr_scaling.pdf"]
+    # No Chinchilla approach was fitted: no compute-optimal figure of reference lines alone.
+    assert sorted(Path(p).stem for p in plot_path(lr_table, tmp_path)) == ["curves", "curves", "lr_scaling", "lr_scaling"]
 
 
 def test_lr_scaling_names_the_missing_column(tmp_path, capsys):

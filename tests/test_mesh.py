@@ -124,10 +124,10 @@ def test_partition_specs_follow_the_rules(layouts):
 
 
 def test_chinchax_train_on_8_devices_with_fsdp(tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run"  # mesh.fsdp=8 alone: mesh.data stays -1, the one device left
     args = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.seq_len=16",
             "data.source=synthetic:markov", "train.steps=2", "train.batch_size=8", "train.eval_tokens=64",
-            "train.progress=false", "train.tensorboard=false", "mesh.fsdp=8", "mesh.data=1"]  # fmt: skip
+            "train.progress=false", "train.tensorboard=false", "mesh.fsdp=8"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "sweeps.cli", "train", *args, "--run-dir", str(run_dir)],
                           capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

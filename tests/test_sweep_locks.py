@@ -14,14 +14,15 @@ import types
 import pytest
 
 from sweeps.index import lock_path
-from sweeps.lock import LockHeld, RunLock, holder, process_start, run_lock_path
+from sweeps.lock import (RAY_NODE_ENV, STALE_AFTER_S, LockHeld, RunLock, break_lock, holder, process_start, read_owner,
+                         run_lock_path)  # fmt: skip
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times come from /proc")
 
 
-def _write_lock(path, pid, start, age_s=0.0):
+def _write_lock(path, pid, start, age_s=0.0, **fields):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "start": start, "time": 0}))
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "start": start, "time": 0, **fields}))
     then = time.time() - age_s
     os.utime(path, (then, then))
 
@@ -41,8 +42,9 @@ def test_process_start_tells_processes_apart():
 def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
     path = tmp_path / "run.lock"
     # The pid is alive (it is ours) but the lock was written by a process that started at another
-    # time, i.e. an owner that died and whose pid the kernel gave to us: the lock is not held.
-    _write_lock(path, os.getpid(), "some-boot:12345")
+    # time since this boot, i.e. an owner that died and whose pid the kernel gave to us: not held.
+    boot = process_start(os.getpid()).rpartition(":")[0]
+    _write_lock(path, os.getpid(), f"{boot}:12345")
     assert holder(path) is None
     lock = RunLock(path).acquire()
     assert json.loads(path.read_text())["start"] == process_start(os.getpid())
@@ -59,6 +61,56 @@ def test_a_lock_without_start_time_falls_back_to_its_heartbeat(tmp_path):
     assert holder(path) is not None
     _write_lock(path, os.getpid(), None, age_s=3600)  # heartbeat silent for an hour
     assert holder(path) is None
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_pid_taken_elsewhere_is_judged_by_the_heartbeat_only(tmp_path):
+    """A Ray node, or a container, with our host name but another boot or pid namespace: its pid
+    means nothing here, so a dead-looking pid with a fresh heartbeat is a live owner."""
+    path = tmp_path / "run.lock"
+    pid = _dead_pid()
+    boot = process_start(os.getpid()).rpartition(":")[0]
+    _write_lock(path, pid, f"{boot}:1")  # this machine, pid gone: stale at once
+    assert holder(path) is None
+    elsewhere = [dict(start="another-boot:1"), dict(start=f"{boot}:1", pidns="pid:[1]"),
+                 dict(start=f"{boot}:1", host="node-b")]  # fmt: skip
+    for fields in elsewhere:
+        owner = {"start": fields.pop("start"), **fields}
+        _write_lock(path, pid, **owner)
+        assert holder(path) is not None, owner
+        with pytest.raises(LockHeld, match="held by pid"):
+            RunLock(path).acquire()
+        _write_lock(path, pid, **owner, age_s=STALE_AFTER_S + 60)  # its heartbeat stopped: the owner died
+        assert holder(path) is None, owner
+
+
+def test_a_lock_records_where_its_pid_means_something(tmp_path, monkeypatch):
+    monkeypatch.setenv(RAY_NODE_ENV, "node-1")
+    lock = RunLock(tmp_path / "run.lock").acquire()
+    try:
+        record = json.loads((tmp_path / "run.lock").read_text())
+        assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
+        assert record["pidns"] == os.readlink("/proc/self/ns/pid") and record["ray_node"] == "node-1"
+    finally:
+        lock.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_break_lock_removes_only_the_owner_it_was_given(tmp_path):
+    path = tmp_path / "run.lock"
+    _write_lock(path, 1, "b:1", host="node-b", ray_node="dead")
+    owner = read_owner(path)
+    _write_lock(path, 2, "b:2", host="node-c", ray_node="alive")  # retaken meanwhile
+    assert break_lock(path, owner, lambda now: True) is False and path.exists()
+    owner = read_owner(path)
+    assert break_lock(path, owner, lambda now: False) is False and path.exists()  # not dead after all
+    assert break_lock(path, owner, lambda now: True) is True and not path.exists()
+    assert not path.with_name("run.lock.takeover").exists()
 
 
 def test_sweep_and_train_lock_the_same_file(tmp_path):

@@ -147,7 +147,11 @@ def test_population_off_trains_every_run_in_its_own_worker(tmp_path):
     names = [r.name for r in expand(spec)]
     report = _run(spec, tmp_path, population="off")
     assert [r["status"] for r in report.rows] == ["done"] * 3
-    assert len(set(_pids(tmp_path, names))) == 3
+    # each by the single-run train function (its calls.txt line), in turn in the slot's resident worker
+    assert all("resumed_from=" in (tmp_path / n / "calls.txt").read_text() for n in names)
+    assert len(set(_pids(tmp_path, names))) == 1
+    _run(spec, tmp_path / "ppr", population="off", resident=False)  # --process-per-run
+    assert len(set(_pids(tmp_path / "ppr", names))) == 3
     with pytest.raises(ConfigError, match="choose auto or off"):
         _run(spec, tmp_path / "x", population="on")
     assert not (tmp_path / "x").exists()
