@@ -33,6 +33,7 @@ from llm.checkpoint import Checkpoints
 from llm.config import Config, ConfigError, dump_config, total_steps, validate, without_execution_keys
 from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
+from llm.distributed import is_main_process
 from llm.metrics import MetricsLog, is_eval_step, peak_flops, truncate_metrics
 from rundir import BRANCH_POINTS, CHECKPOINTS, CONFIG, FLOP_CONVENTIONS, METRICS, RESULT, read_result, write_json_atomic, write_text_atomic
 from llm.logits import cross_entropy, hidden_state_loss
@@ -298,11 +299,15 @@ def train(
     optimizer = make_optimizer(cfg.optim, steps)
     graphdef, state, layout = init_state(cfg, optimizer, mesh)
 
-    # Nothing was written before this point: bad input leaves the run dir untouched.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / CONFIG, dump_config(cfg))
-    if previous is not None:  # a failed attempt being retried
-        (run_dir / RESULT).unlink()
+    # Nothing was written before this point: bad input leaves the run dir untouched. With several
+    # processes (llm.distributed) only process 0 writes the run's files; all of them run every step,
+    # evaluation and checkpoint save, which are collectives.
+    main = is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / CONFIG, dump_config(cfg))
+        if previous is not None:  # a failed attempt being retried
+            (run_dir / RESULT).unlink(missing_ok=True)
 
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
@@ -341,8 +346,8 @@ def train(
             record["mfu"] = record["tokens_per_s"] * mfu_flops / (peak * mesh.size) if peak else None  # the mesh's devices
             return record
 
-        bar = tqdm(total=steps, initial=start, unit="step", disable=not t.progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-        log = MetricsLog(run_dir, tensorboard=t.tensorboard)
+        bar = tqdm(total=steps, initial=start, unit="step", disable=not (t.progress and main), file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        log = MetricsLog(run_dir, tensorboard=t.tensorboard) if main else _NoMetricsLog()
         pending: list[dict[str, jax.Array]] = []  # per-step metrics, on device, since the last line
         error = None
         step = completed = start
@@ -386,7 +391,8 @@ def train(
     result = run_result(summary, cfg, dataset, error=error, step=step, losses=losses,
                         wall_time_s=earlier_wall + time.perf_counter() - started,  # all attempts of this run
                         tokens_per_s=meter.steady(), branch=branch)  # fmt: skip
-    write_json_atomic(run_dir / RESULT, result)
+    if main:
+        write_json_atomic(run_dir / RESULT, result)
     return RunResult(result["status"], error, run_dir, result)
 
 
@@ -500,10 +506,12 @@ def _resume_with_meta(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tu
     """``_resume`` with the checkpoint's whole meta (wall seconds of earlier attempts, branch); {} when none."""
     start = checkpoints.resume_step()
     if not start:
-        (run_dir / METRICS).unlink(missing_ok=True)  # a run killed before its first checkpoint
+        if is_main_process():
+            (run_dir / METRICS).unlink(missing_ok=True)  # a run killed before its first checkpoint
         return 0, state, {}
     state, meta = checkpoints.restore(start, state)
-    truncate_metrics(run_dir, start)
+    if is_main_process():
+        truncate_metrics(run_dir, start)
     return start, state, meta
 
 
@@ -542,9 +550,21 @@ def _start_branch(parent: tuple[Path, int], state: Any, run_dir: Path) -> tuple[
         return 0, state, {}
     lines = (parent_dir / METRICS).read_text().splitlines() if (parent_dir / METRICS).exists() else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
+    if is_main_process():
+        write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
     branch = {"parent": parent_dir.name, "step": step}
     return step, state, {"wall_time_s": float(meta.get("wall_time_s", 0.0)), "branch": branch}
+
+
+class _NoMetricsLog:
+    """MetricsLog of a process other than 0: the same records are computed (so every process takes
+    part in the same evaluations), none is written."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclasses.dataclass
