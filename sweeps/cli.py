@@ -118,18 +118,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from llm import distributed
     from sweeps.lock import run_lock_path
 
+    # Before anything touches a device; with several processes (srun, a TPU slice) only process 0
+    # locks and writes the run directory, the others train alongside it.
+    main_process = distributed.initialize() == 0
     locks_dir = run_lock_path(args.run_dir).parent
-    new_locks_dir = not locks_dir.exists()
-    lock = _lock_run_dir(args.run_dir)
+    new_locks_dir = main_process and not locks_dir.exists()
+    lock = _lock_run_dir(args.run_dir) if main_process else None
     try:
         from llm.training import train
 
         interrupt_on_sigterm()  # `kill` checkpoints and stops like Ctrl-C
         result = train(cfg, args.run_dir)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         if new_locks_dir:  # bad input found by train() leaves nothing behind, the lock folder included
             with contextlib.suppress(OSError):
                 locks_dir.rmdir()

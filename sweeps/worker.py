@@ -50,10 +50,20 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
     ``branch`` holds the wsd cooldown-branch keyword arguments of the train function
     (``branch_from``, ``branch_steps``), passed only when set.
     """
-    from llm.config import load_config
+    from llm import distributed
+    from llm.config import ConfigError, load_config
 
+    # One process per run unless the launcher set the JAX_* variables (llm.distributed); then only
+    # process 0 takes the lock and records failures, and every process trains.
+    # Evaluation (sweeps.evals) runs on process 0's devices alone.
     try:
-        lock = RunLock(lock_path).acquire()
+        main_process = distributed.initialize(cluster=False) == 0
+    except ConfigError as err:  # the launcher's JAX_* variables are wrong: nothing was trained
+        print(f"sweeps.worker: {err}", file=sys.stderr)
+        write_failure(run_dir, run_name, str(err))
+        return 1
+    try:
+        lock = RunLock(lock_path).acquire() if main_process else None
     except LockHeld as held:
         print(f"sweeps.worker: {held}; not starting {run_name}", file=sys.stderr)
         return EXIT_LOCKED
@@ -61,7 +71,8 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
         previous = read_result(run_dir)
         if previous is not None and previous.get("status") == "done":
             # Finished before (by an earlier launch, or by another one since our check): evaluate only.
-            _evaluate(run_dir, eval_spec)
+            if main_process:
+                _evaluate(run_dir, eval_spec)
             return EXIT_ALREADY_DONE
         try:
             cfg = load_config(config_path)
@@ -71,16 +82,18 @@ def run_one(config_path: Path, run_dir: Path, run_name: str, lock_path: Path, tr
             message = f"{type(err).__name__}: {err}".strip()
             if "RESOURCE_EXHAUSTED" in message or isinstance(err, MemoryError):
                 message = "out of memory: " + message
-            write_failure(run_dir, run_name, message[:2000])
+            if main_process:
+                write_failure(run_dir, run_name, message[:2000])
             return 1
         status = getattr(result, "status", None)
-        if status != "done" and (read_result(run_dir) or {}).get("status") != "failed":
+        if main_process and status != "done" and (read_result(run_dir) or {}).get("status") != "failed":
             write_failure(run_dir, run_name, getattr(result, "error", None) or f"train returned status {status!r}")
-        if status == "done":
+        if status == "done" and main_process:
             _evaluate(run_dir, eval_spec)
         return 0 if status == "done" else 1
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _evaluate(run_dir: Path, eval_spec: dict | None) -> None:

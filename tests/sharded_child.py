@@ -1,8 +1,8 @@
 """Child processes of tests/test_distributed.py: each needs its own XLA device count (or its own
 jax.distributed process), which must be fixed before JAX starts, so each runs as a script.
 
-``python tests/sharded_child.py MODE DIR LAYOUT`` with LAYOUT like ``fsdp=8`` or ``data=2,tensor=2``
-(a mesh over the first prod(sizes) devices). Modes:
+``python tests/sharded_child.py MODE DIR MESH`` with MESH like ``fsdp=8`` or ``data=2,tensor=2``
+(the run config's mesh section; the mesh spans every device of every process). Modes:
 
 - ``save``: train 2 steps, checkpoint, then 2 more; writes DIR/reference.npz (state after step 2)
   and DIR/save.json (the losses of steps 3 and 4).
@@ -14,15 +14,12 @@ jax.distributed process), which must be fixed before JAX starts, so each runs as
   (the JAX_* variables of llm.distributed) every process runs it; the batch is placed with
   jax.make_array_from_process_local_data, each process building only its rows.
 
-The state is sharded by hand here: fsdp shards each leaf's first dimension divisible by the fsdp
-size, tensor its last dimension divisible by the tensor size, and the batch is split over
-data x fsdp.
+Parameters, optimiser state and batches are laid out by llm.sharding's rules.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -31,25 +28,6 @@ CONFIG = [
     "model.compute_dtype=float32", "train.batch_size=8", "train.steps=4",
     "optim.warmup_steps=1", "optim.lr=1e-2",
 ]  # fmt: skip
-
-
-def parse_layout(text: str) -> dict[str, int]:
-    return {name: int(size) for name, size in (part.split("=") for part in text.split(","))}
-
-
-def spec_for(shape, layout, P):
-    dims = [None] * len(shape)
-    if layout.get("fsdp", 1) > 1:
-        for i, n in enumerate(shape):
-            if n % layout["fsdp"] == 0:
-                dims[i] = "fsdp"
-                break
-    if layout.get("tensor", 1) > 1:
-        for i in reversed(range(len(shape))):
-            if dims[i] is None and shape[i] % layout["tensor"] == 0:
-                dims[i] = "tensor"
-                break
-    return P(*dims)
 
 
 def batch(step: int, cfg):
@@ -64,9 +42,8 @@ def main(mode: str, out: Path, layout_text: str) -> None:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from llm import distributed
+    from llm import distributed, sharding
     from llm.checkpoint import Checkpoints
     from llm.config import load_config
     from llm.model import Transformer
@@ -74,40 +51,44 @@ def main(mode: str, out: Path, layout_text: str) -> None:
     from llm.training import make_train_step
 
     process = distributed.initialize(cluster=False)
-    layout = parse_layout(layout_text)
-    n = math.prod(layout.values())
-    auto = (jax.sharding.AxisType.Auto,) * len(layout)
-    mesh = jax.make_mesh(tuple(layout.values()), tuple(layout), axis_types=auto, devices=jax.devices()[:n])
-    cfg = load_config(None, CONFIG)
+    mesh_overrides = [f"mesh.{part}" for part in layout_text.split(",")]
+    if "data" not in layout_text:
+        mesh_overrides.append("mesh.data=1")
+    cfg = load_config(None, CONFIG + mesh_overrides)
+    mesh = sharding.make_mesh(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
 
     def init():
         params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))[1]
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    graphdef = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))[0]
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
     abstract = jax.eval_shape(init)
-    shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec_for(x.shape, layout, P)), abstract)
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in layout)
-    batch_sharding = NamedSharding(mesh, P(batch_axes or None))
+    shardings = sharding.state_shardings(abstract, abstract_params, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = make_train_step(graphdef, optimizer, cfg)
 
     def place(tokens):
-        rows = batch_sharding.addressable_devices_indices_map(tokens.shape)
-        first = min(idx[0].start or 0 for idx in rows.values())
-        last = max(idx[0].stop or tokens.shape[0] for idx in rows.values())
-        return jax.make_array_from_process_local_data(batch_sharding, tokens[first:last], tokens.shape)
+        rows = sharding.process_rows(batch_sharding, tokens.shape)
+        return sharding.place_batch(tokens[rows], batch_sharding, tokens.shape)
 
     def run(state, steps):
         losses = []
         for i in steps:
-            state, metrics = step_fn(state, place(batch(i, cfg)))
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, place(batch(i, cfg)))
             losses.append(float(metrics["train_loss"]))
         return state, losses
 
-    def flat(state):
-        gathered = jax.jit(lambda s: s, out_shardings=NamedSharding(mesh, P()))(state)  # a collective: all enter
-        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(gathered)}
+    def flat(state):  # every leaf whole, assembled on the host (one process: every shard is here)
+        return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+    def local(state):  # this process's shards of every leaf, by position (nothing compiled, no collective)
+        return {f"{jax.tree_util.keystr(k)}{shard.index}": np.asarray(shard.data)
+                for k, v in jax.tree_util.tree_leaves_with_path(state) for shard in v.addressable_shards}
+
+    def specs(state):
+        return {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
     def diff(a, b, part):
         return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith(part))
@@ -118,22 +99,21 @@ def main(mode: str, out: Path, layout_text: str) -> None:
 
     if mode in ("save", "train3"):
         state = jax.jit(init, out_shardings=shardings)()
-        before = flat(state)
+        before = local(state)
         k = 2 if mode == "save" else 3
         state, losses = run(state, range(k))
         with Checkpoints(out / "checkpoints", keep=2) as checkpoints:
             checkpoints.save(k, state, {"step": k})
-        saved = flat(state)
+        saved = local(state)
         if mode == "save":
-            if process == 0:
-                np.savez(out / "reference.npz", **saved)
+            np.savez(out / "reference.npz", **flat(state))
             _, later = run(state, range(k, k + 2))
-            write("save.json", {"losses": losses + later, "n_devices": jax.device_count()})
+            write("save.json", {"losses": losses + later, "n_devices": jax.device_count(), "specs": specs(state)})
             return
         targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
         with Checkpoints(out / "checkpoints", keep=2) as checkpoints:
             restored, _ = checkpoints.restore(k, targets)
-        back = flat(restored)
+        back = local(restored)
         write(f"train3.{process}.json", {
             "losses": losses, "restored_max_abs_diff": max(diff(saved, back, ""), 0.0),
             "params_changed": diff(before, saved, "['params']"),
@@ -147,7 +127,7 @@ def main(mode: str, out: Path, layout_text: str) -> None:
         state, meta = checkpoints.restore(2, targets)
     reference = dict(np.load(out / "reference.npz"))
     got = flat(state)
-    specs = {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+    layout = specs(state)
     step = int(state["step"])
     _, losses = run(state, range(2, 4))  # donates state
     write("restore.json", {
@@ -156,7 +136,7 @@ def main(mode: str, out: Path, layout_text: str) -> None:
         "keys_equal": sorted(reference) == sorted(got),
         "mu_keys": sum(".mu" in k or ".nu" in k for k in got),
         "step": step, "meta_step": meta["step"], "losses": losses,
-        "n_devices": jax.device_count(), "specs": specs,
+        "n_devices": jax.device_count(), "specs": layout,
     })  # fmt: skip
 
 
