@@ -3,6 +3,12 @@
 A checkpoint holds the parameters, the optimiser state, the step and the data
 position. The data position is the step itself (batch i is a pure function of
 (seed, i)), so nothing else is needed to resume exactly.
+
+Sharded: each process writes the shards its devices hold (Orbax, one folder per step on storage
+every process sees) and every process must enter ``save`` and ``restore`` (they synchronise).
+A checkpoint is not tied to the mesh that wrote it: ``restore`` reads into the shardings of the
+targets it is given, so a run saved on 8 devices as FSDP resumes on 4 as data x tensor parallel
+when the targets are laid out for the current mesh (llm.sharding.state_shardings).
 """
 
 from __future__ import annotations
@@ -98,7 +104,11 @@ class Checkpoints:
             raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore the state shaped like ``like`` and its meta; CheckpointError if unreadable."""
+        """Restore the state shaped like ``like`` and its meta; CheckpointError if unreadable.
+
+        ``like`` holds arrays or ``jax.ShapeDtypeStruct`` s (no state need be built first); each
+        leaf's shape, dtype and sharding is what is restored, whatever mesh saved the checkpoint.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         _drop_orbax_read_echoes()
         try:

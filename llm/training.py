@@ -378,6 +378,11 @@ def train(
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM from the sweep runner: keep the work done since the last checkpoint,
             # its metrics line first, so that metrics.jsonl reaches the step the checkpoint holds.
+            # With several processes each was interrupted after its own step, and a save all of them
+            # do not enter at the same step would hang: they resume from the last periodic one.
+            if jax.process_count() > 1:
+                bar.write(f"interrupted: a rerun resumes from the last periodic checkpoint (step {checkpoints.latest_step() or 0})")
+                raise
             if pending:
                 log.write(line(completed, fetch_metrics(pending)))
             if completed > (checkpoints.latest_step() or 0):
