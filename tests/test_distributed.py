@@ -1,14 +1,16 @@
-"""One run over several devices and processes: checkpoints restored onto another mesh, jax.distributed
-start-up from the environment, and two processes of 4 CPU devices training like one of 8.
+"""One run over several devices and processes: a run checkpointed under one mesh resumes under
+another, jax.distributed starts from the environment, and two processes of 4 CPU devices train
+like one process of 8.
 
-The device count is fixed before JAX starts, so the sharded runs are child processes
-(tests/sharded_child.py), each with a timeout so that a hung collective fails the test instead of CI.
+Each sharded run is a ``chinchax train`` child process: the device count is fixed before JAX
+starts. Every child has a timeout, so a collective waiting for a peer fails the test, not CI.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,9 +22,16 @@ import pytest
 from llm.distributed import Launch, launch_from_env
 from llm.typed_yaml import ConfigError
 
-CHILD = Path(__file__).with_name("sharded_child.py")
-REPO = CHILD.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300  # per child; a healthy one takes ~15 s of CPU
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
+    "model.vocab_size=32", "model.compute_dtype=float32", "data.source=synthetic:markov", "data.dataset_tokens=65536",
+    "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=4", "train.eval_tokens=256",
+    "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.progress=false", "train.tensorboard=false",
+    "optim.warmup_steps=1", "optim.lr=1e-2",
+]  # fmt: skip
+FSDP8 = ["mesh.data=1", "mesh.fsdp=8"]
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
@@ -33,9 +42,11 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def _start(mode: str, out: Path, mesh: str, devices: int, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(CHILD), mode, str(out), mesh], env=_env(devices, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+def _train(run_dir: Path, overrides: list[str], devices: int, **extra: str) -> subprocess.Popen:
+    """``chinchax train TINY overrides --run-dir run_dir`` on ``devices`` CPU devices, started."""
+    cmd = [sys.executable, "-m", "sweeps.cli", "train", *TINY, *overrides, "--run-dir", str(run_dir)]
+    return subprocess.Popen(cmd, env=_env(devices, **extra), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def _finish(*procs: subprocess.Popen) -> None:
@@ -47,9 +58,45 @@ def _finish(*procs: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-        pytest.fail(f"a sharded child ran past {TIMEOUT_S} s (a collective waiting for a peer?)")
+        pytest.fail(f"a chinchax train child ran past {TIMEOUT_S} s (a collective waiting for a peer?)")
     failed = [(p.returncode, out[-3000:]) for p, out in zip(procs, outputs) if p.returncode != 0]
     assert not failed, failed
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len({r["step"] for r in lines}), "one metrics line per step (process 0 writes alone)"
+    return {r["step"]: r["train_loss"] for r in lines}
+
+
+def _checkpoint(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The state a run checkpointed after ``step``, restored onto this process's one device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llm.checkpoint import Checkpoints
+    from llm.config import load_config, total_steps
+    from llm.model import Transformer
+    from llm.optim import make_optimizer
+
+    cfg = load_config(run_dir / "config.yaml")
+    optimizer = make_optimizer(cfg.optim, total_steps(cfg))
+
+    def init():
+        params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), jax.eval_shape(init))
+    with Checkpoints(run_dir / "checkpoints", keep=None) as checkpoints:
+        state, _ = checkpoints.restore(step, targets)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], part: str) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if k.startswith(part))
 
 
 def _free_port() -> int:
@@ -60,47 +107,48 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fsdp8_run(tmp_path_factory):
-    """Steps 1-4 on 8 devices under fsdp 8, a checkpoint after step 2 (save.json, reference.npz)."""
-    out = tmp_path_factory.mktemp("fsdp8")
-    _finish(_start("save", out, "fsdp=8", 8))
-    return out
+    """The tiny run, uninterrupted, on 8 devices under fsdp 8: checkpoints after steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("fsdp8") / "run"
+    _finish(_train(run_dir, FSDP8, 8))
+    return run_dir
 
 
 @pytest.mark.slow
-def test_a_checkpoint_saved_under_fsdp8_restores_under_data2_tensor2_on_4_devices(fsdp8_run):
-    saved = json.loads((fsdp8_run / "save.json").read_text())
-    assert saved["n_devices"] == 8
-    assert all(spec in ("P()", "P('fsdp',)") or "'fsdp'" in spec for spec in saved["specs"].values())
-    assert sum("'fsdp'" in spec for spec in saved["specs"].values()) >= 20  # params and moments really split
+def test_a_run_checkpointed_under_fsdp8_resumes_under_data2_tensor2_on_4_devices(fsdp8_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp8_run, run_dir)
+    (run_dir / "result.json").unlink()  # killed after its step-2 checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "4")
+    _finish(_train(run_dir, ["mesh.data=2", "mesh.tensor=2"], 4))  # not refused as a "different config"
 
-    _finish(_start("restore", fsdp8_run, "data=2,tensor=2", 4))
-    restored = json.loads((fsdp8_run / "restore.json").read_text())
-    assert restored["n_devices"] == 4 and restored["step"] == 2 and restored["meta_step"] == 2
-    assert restored["keys_equal"] and restored["mu_keys"] > 0
-    assert restored["params"] == 0.0 and restored["moments"] == 0.0  # a copy, bit for bit
-    specs = restored["specs"].values()
-    assert not any("fsdp" in spec for spec in specs) and sum("'tensor'" in spec for spec in specs) >= 20
-    # Steps 3 and 4 continue as on the 8-device mesh, up to float32 reduction order.
-    np.testing.assert_allclose(restored["losses"], saved["losses"][2:], rtol=0, atol=2e-5)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "done" and result["mesh"]["n_devices"] == 4
+    assert {k: v for k, v in result["mesh"]["axes"].items() if v > 1} == {"data": 2, "tensor": 2}
+    reference, resumed = _losses(fsdp8_run), _losses(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    np.testing.assert_allclose([resumed[s] for s in (3, 4)], [reference[s] for s in (3, 4)], rtol=0, atol=2e-5)
+    # After two more steps on the other mesh, the state is the uninterrupted run's, up to float32 order.
+    a, b = _checkpoint(fsdp8_run, 4), _checkpoint(run_dir, 4)
+    assert _max_diff(a, b, "['params']") < 1e-5 and _max_diff(a, b, "['opt_state']") < 1e-5
+    assert _max_diff(_checkpoint(fsdp8_run, 2), a, "['params']") > 1e-3  # it trained
 
 
 @pytest.mark.slow
 def test_two_processes_of_4_cpu_devices_train_like_one_of_8(fsdp8_run, tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        _start("train3", tmp_path, "fsdp=8", 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i))  # fmt: skip
+    run_dir, coordinator = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    _finish(*[
+        _train(run_dir, FSDP8, 4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         for i in range(2)
-    ]
-    _finish(*procs)
-    reference = json.loads((fsdp8_run / "save.json").read_text())["losses"][:3]
-    for i in range(2):
-        got = json.loads((tmp_path / f"train3.{i}.json").read_text())
-        assert (got["process_count"], got["n_devices"], got["n_local_devices"]) == (2, 8, 4)
-        np.testing.assert_allclose(got["losses"], reference, rtol=0, atol=2e-5)
-        assert got["params_changed"] > 1e-3  # it trained
-        assert got["restored_max_abs_diff"] == 0.0  # the checkpoint both processes wrote reads back whole
-        assert got["checkpoint_steps"] == ["3"]
+    ])  # fmt: skip
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "done" and result["mesh"]["n_devices"] == 8
+    reference, got = _losses(fsdp8_run), _losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [reference[s] for s in got], rtol=0, atol=2e-5)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
+    # the checkpoint both processes wrote their shards of reads back whole, equal to one process's
+    a, b = _checkpoint(fsdp8_run, 4), _checkpoint(run_dir, 4)
+    assert _max_diff(a, b, "['params']") < 1e-5 and _max_diff(a, b, "['opt_state']") < 1e-5
 
 
 # --------------------------------------------------------------------------- when to start jax.distributed
