@@ -67,9 +67,9 @@ def launch_from_env(environ: Mapping[str, str], *, cluster: bool = True) -> Laun
     tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", ""))
     if "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ and tasks.isdigit() and int(tasks) > 1:
         return Launch({}, f"Slurm job step of {tasks} tasks")
-    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
-    if len([h for h in hosts.split(",") if h.strip()]) > 1:
-        return Launch({}, f"TPU slice of {len(hosts.split(','))} hosts")
+    hosts = [h for h in (environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return Launch({}, f"TPU slice of {len(hosts)} hosts")
     if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return Launch({}, "TPU multislice (MEGASCALE_COORDINATOR_ADDRESS)")
     return None

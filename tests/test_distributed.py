@@ -23,7 +23,7 @@ from llm.distributed import Launch, launch_from_env
 from llm.typed_yaml import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 300  # per child; a healthy one takes ~20 s of CPU
+TIMEOUT_S = 600  # per child: ~20 s of CPU when healthy, minutes on a crowded machine; never forever
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
     "model.vocab_size=32", "model.compute_dtype=float32", "data.source=synthetic:markov", "data.dataset_tokens=65536",
