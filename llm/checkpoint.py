@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 # A step folder ("8") or what orbax leaves while writing one ("8.orbax-checkpoint-tmp-1712...").
@@ -109,7 +110,7 @@ class Checkpoints:
         ``like`` holds arrays or ``jax.ShapeDtypeStruct`` s (no state need be built first); each
         leaf's shape, dtype and sharding is what is restored, whatever mesh saved the checkpoint.
         """
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(_restore_target, like)
         _drop_orbax_read_echoes()
         try:
             with _quiet_orbax():
@@ -124,6 +125,16 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
+    """What ``restore`` reads a leaf into: its shape, dtype and sharding on the current devices.
+
+    Built here rather than by orbax.utils.to_shape_dtype_struct, which in some orbax versions
+    checks the sharding against the topology that saved the checkpoint (8 devices) and refuses
+    the current one (4).
+    """
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
 
 def _first_line(err: BaseException) -> str:
