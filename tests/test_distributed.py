@@ -25,7 +25,7 @@ from llm.typed_yaml import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600  # per child: ~20 s of CPU when healthy, minutes on a crowded machine; never forever
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
+    "model.d_model=32", "model.n_layers=1", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
     "model.vocab_size=32", "model.compute_dtype=float32", "data.source=synthetic:markov", "data.dataset_tokens=65536",
     "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=4", "train.eval_tokens=256",
     "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.progress=false", "train.tensorboard=false",
