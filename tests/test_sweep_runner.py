@@ -187,12 +187,13 @@ def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
     spec_data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
                                           "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 15]}}
     script = (
+        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
         "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
         "from sweeps.spec import spec_from_dict; "
         "run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
         "progress=False, cache_dir=None, poll_s=0.05)"
     ).format(repo=str(REPO), data=json.dumps(spec_data), out=str(tmp_path), fake=FAKE)
-    sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
     spec = spec_from_dict(spec_data)
     done_name, slow_name = [r.name for r in expand(spec)]
     deadline = time.time() + 120  # generous: CI runs two test workers on two cores
@@ -200,7 +201,15 @@ def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
         assert time.time() < deadline
         time.sleep(0.05)
     sweep.send_signal(signal.SIGINT)
-    assert sweep.wait(120) != 0
+    try:
+        rc = sweep.wait(60)
+    except subprocess.TimeoutExpired:
+        sweep.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        sweep.kill()
+        out = sweep.communicate()[1]
+        raise AssertionError("sweep did not stop: " + str(out)[-6000:]) from None
+    assert rc != 0
     assert [r["status"] for r in sweep_status(spec, tmp_path)] == ["done", "interrupted"]
     # The slow run now behaves (seed 15 only sleeps on its first call): re-run finishes it alone.
     fixed = spec_from_dict({**spec_data, "grid": {"train.seed": [1, 15]}})
