@@ -187,10 +187,11 @@ def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
     spec_data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
                                           "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 15]}}
     script = (
-        # Ctrl-C as a terminal sends it: a child inherits an ignored SIGINT, and a test run before this one
-        # in the same pytest process (seen under xdist) may have left it ignored, so restore Python's handler.
+        # Ctrl-C as a terminal sends it: a child inherits an ignored or blocked SIGINT, and a test run before
+        # this one in the same pytest process (seen under xdist) may have left it so: restore and unblock it.
         "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, all_threads=True); "
         "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}}); "
         "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
         "from sweeps.spec import spec_from_dict; "
         "run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
