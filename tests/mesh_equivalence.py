@@ -13,7 +13,7 @@ Differences are against a one-device run (layout "1") of the case's reference. A
 of config overrides, the layouts it runs (LAYOUTS by name) and its reference case (CASES); add a
 case with its layouts to cover another model (e.g. MoE with expert layouts).
 
-  python tests/mesh_equivalence.py [--devices 8] [--cases dense,dense_scan]
+  python tests/mesh_equivalence.py [--devices 8] [--cases dense,dense_scan,moe_all]
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ _TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_
          "model.seq_len=16", "model.compute_dtype=float32", "train.batch_size=16", "train.grad_accum=2",
          "train.steps=3", "optim.warmup_steps=1", "data.source=synthetic:markov"]  # fmt: skip
 
+_MOE = _TINY + ["model.n_layers=1", "train.grad_accum=1", "model.moe.n_experts=8", "model.moe.top_k=2",
+                "model.moe.d_ff_expert=32"]  # fmt: skip
+
 # name -> (config overrides, layouts, the case whose one-device run is the reference). The scan
 # case computes the same function as the dense one (model.scan_layers), so it is compared with
 # the plain path's one-device run.
@@ -38,10 +41,12 @@ CASES: dict[str, tuple[list[str], list[str], str]] = {
     "dense": (_TINY, ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2"], "dense"),
     "dense_scan": (_TINY + ["model.scan_layers=true"], ["fsdp4_tensor2"], "dense"),
     # one MoE block (8 experts, top-2, dropless: the expert-parallel all-to-all's default capacity
-    # drops nothing; the dense case covers the other blocks) under every layout, expert-parallel too
-    "moe": (_TINY + ["model.n_layers=1", "train.grad_accum=1", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff_expert=32"],
-            ["1", "data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2", "expert8", "data2_expert4",
-             "fsdp2_expert4"], "moe"),
+    # drops nothing; the dense case covers the other blocks) under each mesh axis at least once
+    # beside the expert layouts (data, fsdp and tensor alone are the dense case's; `--cases moe_all`
+    # runs every layout, 4 more compiles than CI needs)
+    "moe": (_MOE, ["1", "fsdp4_tensor2", "expert8", "data2_expert4", "fsdp2_expert4"], "moe"),
+    "moe_all": (_MOE, ["data8", "fsdp8", "data2_fsdp4", "data4_tensor2", "fsdp4_tensor2", "expert8", "data2_expert4",
+                       "fsdp2_expert4"], "moe"),
 }
 
 # Mesh layouts by name: mesh.* sizes (absent: 1). "1" is the one-device reference.
@@ -137,7 +142,7 @@ def run_cases(names: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default="dense,dense_scan,moe", help=f"comma-separated, of {', '.join(CASES)}")
     args = parser.parse_args(argv)
     if "jax" in sys.modules:
         raise SystemExit("mesh_equivalence: JAX already started; run this file as its own process")

@@ -30,6 +30,7 @@ SHORT = [
 @pytest.mark.slow
 def test_quickstart_short(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHINCHAX_CACHE", str(tmp_path / "cache"))  # data and compile caches
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the test session's (conftest): use the sweep's own
     out = tmp_path / "quickstart"
     assert main(["sweep", "run", str(SPEC), *SHORT, "--out", str(out), "--parallel", "2"]) == 0
     index = json.loads((out / "index.json").read_text())
