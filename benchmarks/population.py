@@ -125,35 +125,42 @@ GRIDS = {"8 seeds": "{train.seed: [0, 1, 2, 3, 4, 5, 6, 7]}",
          "4 seeds x 2 lr": "{train.seed: [0, 1, 2, 3], optim.lr: [1.0e-3, 3.0e-3]}"}  # fmt: skip
 
 
-def sweep_seconds(spec: Path, out: Path, population: str, parallel: int | None) -> float:
+# The launches compared: (label, --population, extra flags). "a process per run" is how single runs
+# were launched before resident workers (sweeps/resident_worker.py); each run pays its own start-up.
+LAUNCHES = (("process per run", "off", ["--process-per-run"]), ("single runs", "off", []), ("populations", "auto", []))
+
+
+def sweep_seconds(spec: Path, out: Path, population: str, parallel: int | None, extra: list[str] = ()) -> float:
     """Wall seconds of one ``chinchax sweep run`` into a fresh ``out`` (no fit)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "sweeps.cli", "sweep", "run", str(spec), "--out", str(out), "--no-fit",
-           "--population", population] + (["--parallel", str(parallel)] if parallel else [])  # fmt: skip
+           "--population", population, *extra] + (["--parallel", str(parallel)] if parallel else [])  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     began = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - began
     if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({population}):\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"sweep failed ({population} {' '.join(extra)}):\n{proc.stderr[-2000:]}")
     return seconds
 
 
-def sweeps(repeats: int, parallel: int | None) -> None:
+def sweeps(repeats: int, parallel: int | None, grids: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'sweep':>15} {'single runs s':>14} {'population s':>13} {'speed-up':>9}   (median of {repeats}; "
-              f"after one untimed warm-up of each: data and compile caches warm)")  # fmt: skip
-        for name, grid in GRIDS.items():
-            spec = Path(tmp) / "spec.yaml"
+        header = " ".join(f"{label + ' s':>20}" for label, _, _ in LAUNCHES)
+        print(f"{'sweep':>15} {header} {'x per run':>10} {'x single':>9}   (median of {repeats}; after one untimed "
+              f"warm-up of each: data and compile caches warm; populations against each kind of single runs)")  # fmt: skip
+        for name in grids:
+            spec, grid = Path(tmp) / "spec.yaml", GRIDS[name]
             spec.write_text(SWEEP.format(grid=grid))
-            times: dict[str, list[float]] = {"off": [], "auto": []}
+            times: dict[str, list[float]] = {label: [] for label, _, _ in LAUNCHES}
             for trial in range(repeats + 1):
-                for population in ("off", "auto"):  # interleaved, so a change of load hits both
-                    seconds = sweep_seconds(spec, Path(tmp) / "out", population, parallel)
+                for label, population, extra in LAUNCHES:  # interleaved, so a change of load hits each alike
+                    seconds = sweep_seconds(spec, Path(tmp) / "out", population, parallel, extra)
                     if trial:
-                        times[population].append(seconds)
-            single, pop = statistics.median(times["off"]), statistics.median(times["auto"])
-            print(f"{name:>15} {single:14.1f} {pop:13.1f} {single / pop:8.2f}x", flush=True)
+                        times[label].append(seconds)
+            per_run, single, pop = (statistics.median(times[label]) for label, _, _ in LAUNCHES)
+            cells = " ".join(f"{statistics.median(times[label]):20.1f}" for label, _, _ in LAUNCHES)
+            print(f"{name:>15} {cells} {per_run / pop:9.2f}x {single / pop:8.2f}x", flush=True)
 
 
 def main() -> None:
@@ -170,6 +177,7 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="timed sweeps of each kind")
     p.add_argument("--parallel", type=int, default=None, help="the sweeps' --parallel (default: the runner's)")
+    p.add_argument("--grids", nargs="+", choices=list(GRIDS), default=list(GRIDS), help="the sweeps timed (default: all)")
     args = p.parse_args()
     pick = population_mode("auto")
     modes = args.modes or [pick, "loop" if pick == "vmap" else "vmap"]
@@ -178,7 +186,7 @@ def main() -> None:
     if not args.no_throughput:
         throughput(args.shapes, args.sizes, modes, args.steps, args.batch, args.seq_len, args.dtype)
     if not args.no_sweep:
-        sweeps(args.repeats, args.parallel)
+        sweeps(args.repeats, args.parallel, args.grids)
 
 
 if __name__ == "__main__":
