@@ -123,6 +123,16 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {path} exists but cannot be read ({_first_line(err)})") from err
         return restored["state"], dict(restored["meta"])
 
+    def saved_tree(self, step: int) -> dict[str, Any]:
+        """The nested dict of the state saved at ``step`` (orbax's metadata: keys as saved, array
+        metadata as leaves), read without reading any array; CheckpointError if unreadable."""
+        try:
+            with _quiet_orbax():
+                tree = self._manager.item_metadata(step)["state"].tree
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} exists but cannot be read ({_first_line(err)})") from err
+        return dict(tree)
+
     def close(self) -> None:
         self._manager.close()
 

@@ -159,6 +159,7 @@ def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
     attention (RoPE at absolute positions) and the MLP slot, final norm, unembedding.
     """
     from llm.layers import rope_tables
+    from llm.model import layer_blocks
 
     cfg, cdt = model.cfg, model.compute_dtype
     t_max = cache[0][0].shape[1]
@@ -168,7 +169,7 @@ def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
     mask_B1ST = (jnp.arange(t_max)[None, None, :] <= pos_BS[:, :, None])[:, None]
     x_BSD = jnp.take(model.embed_VD[...], tokens_BS, axis=0).astype(cdt)
     new_cache = []
-    for block, (k_cache, v_cache) in zip(model.blocks, cache):
+    for block, (k_cache, v_cache) in zip(layer_blocks(model), cache):
         attn = block.attn
         h_BSD = block.attn_norm(x_BSD).astype(cdt)
         q = _rope_at(jnp.einsum("bsd,dnh->bsnh", h_BSD, attn.w_q_DNH[...].astype(cdt)), sin_BSH2, cos_BSH2)
@@ -427,6 +428,7 @@ def load_run(run_dir, step: int | None = None, *, check_only: bool = False):
     """
     from llm.checkpoint import Checkpoints
     from llm.config import load_config, total_steps
+    from llm.layer_stack import restore_state
     from rundir import CHECKPOINTS, CONFIG, read_result
 
     run_dir = Path(run_dir)
@@ -458,7 +460,7 @@ def load_run(run_dir, step: int | None = None, *, check_only: bool = False):
         optimizer = make_optimizer(cfg.optim, total_steps(cfg))
         like = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
                 "step": jnp.zeros((), jnp.int32)}  # fmt: skip
-        state, _ = ckpts.restore(step, like)
+        state, _ = restore_state(ckpts, step, like, cfg.model)  # either layer layout (llm.layer_stack)
     from llm.data import load_dataset
 
     dataset = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len,

@@ -30,6 +30,7 @@ from flax import nnx
 from llm.attention import Attention
 from llm.config import ModelConfig
 from llm.counting import is_moe_block
+from llm.layer_stack import layer_period, stack, stacked_units, unstack
 from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
 from llm.moe import MoE, moe_kernel
 from llm.sharding import constrain
@@ -79,8 +80,13 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.compute_dtype = dtype_of(cfg.compute_dtype)
         self.embed_VD = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, cfg.param_dtype, ("vocab", "embed"))
-        # nnx.List (flax >= 0.12) registers the blocks as children; older flax takes a plain list.
-        self.blocks = getattr(nnx, "List", list)([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        # Built one by one from the same random stream whatever the layout, so scanned and plain
+        # models start from the same parameters; the scan's are then stored stacked (llm.layer_stack).
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
+        units, period = stacked_units(cfg), layer_period(cfg)
+        if units:
+            self.stacked = nnx.List([_stack_blocks(blocks[j : units * period : period]) for j in range(period)])
+        self.blocks = nnx.List(blocks[units * period :])  # every block, or the scan's leftover dense ones
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.unembed_DV = normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, cfg.param_dtype, ("embed", "vocab"))
@@ -126,13 +132,12 @@ class Transformer(nnx.Module):
         cfg, cdt = self.cfg, self.compute_dtype
         sin_TH2, cos_TH2 = rope_tables(tokens_BT.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta)
         x_BTD = constrain(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(cdt), ACTIVATION_NAMES)
-        blocks = list(self.blocks)
         layer_stats: dict[int, dict] = {}
-        if cfg.scan_layers:
-            x_BTD, layer_stats, blocks = _scan_blocks(cfg, blocks, x_BTD, sin_TH2, cos_TH2, valid_BT)
+        if stacked_units(cfg):
+            x_BTD, layer_stats = _scan_blocks(cfg, list(self.stacked), x_BTD, sin_TH2, cos_TH2, valid_BT)
         run = _run_block_remat if cfg.remat else _run_block
-        first = cfg.n_layers - len(blocks)  # blocks the scan left over (a remainder of moe.every)
-        for i, block in enumerate(blocks, start=first):
+        first = cfg.n_layers - len(self.blocks)  # blocks the scan left over (a remainder of moe.every)
+        for i, block in enumerate(self.blocks, start=first):
             x_BTD, stats = run(block, x_BTD, sin_TH2, cos_TH2, valid_BT)
             if stats:
                 layer_stats[i] = stats
@@ -144,30 +149,32 @@ class Transformer(nnx.Module):
         return w_DV.astype(self.compute_dtype)
 
 
-def layer_period(cfg: ModelConfig) -> int:
-    """Blocks in one repeating unit: moe.every (every-1 dense blocks, then an MoE one), else 1."""
-    return cfg.moe.every if cfg.moe is not None else 1
+def layer_blocks(model: Transformer) -> list[Block]:
+    """The model's n_layers blocks in order, each with its own parameters: the stacked ones are
+    sliced out (position j of unit r is layer r * period + j). For code that walks the layers one
+    by one (llm.evaluation's key/value-cache decoder); a slice under jit is a view, not a copy."""
+    blocks = []
+    for r in range(stacked_units(model.cfg)):
+        for stacked in model.stacked:
+            graphdef, state = nnx.split(stacked)
+            blocks.append(nnx.merge(graphdef, unstack(state, r)))
+    return blocks + list(model.blocks)
 
 
-def _scan_blocks(cfg: ModelConfig, blocks: list, x_BTD, sin_TH2, cos_TH2, valid_BT):
-    """Run the repeating units of ``blocks`` as one ``jax.lax.scan``; return (x, stats by layer, blocks left).
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose parameters are those of ``blocks`` (same position in successive units) stacked."""
+    graphdef, _ = nnx.split(blocks[0])
+    return nnx.merge(graphdef, stack([nnx.state(block) for block in blocks]))
 
-    The parameter tree is not changed (checkpoints and optimiser state keep one entry per
-    block): the per-block parameters are stacked here, inside the step, and the scan's
-    gradient is sliced back per block. XLA compiles one unit however deep the model, and
-    the stack costs one copy of the block parameters per step. A unit is ``layer_period``
-    blocks (dense ... dense, MoE); a remainder of n_layers % moe.every dense blocks is
-    returned for the caller to run unrolled, as the plain path would.
+
+def _scan_blocks(cfg: ModelConfig, stacked: list[Block], x_BTD, sin_TH2, cos_TH2, valid_BT):
+    """Run the stacked units as one ``jax.lax.scan`` over their stored [units, ...] parameters;
+    return (x, MoE stats by layer number).
+
+    ``stacked[j]`` is position j of the unit (llm.layer_stack). XLA compiles one unit however deep
+    the model, and nothing is stacked or sliced per step: the gradient comes out stacked too.
     """
-    period = layer_period(cfg)
-    repeats = cfg.n_layers // period
-    if repeats < 2:
-        return x_BTD, {}, blocks
-    graphdefs, stacked = [], []
-    for j in range(period):
-        splits = [nnx.split(blocks[r * period + j]) for r in range(repeats)]
-        graphdefs.append(splits[0][0])
-        stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in splits)))
+    graphdefs, states = zip(*(nnx.split(block) for block in stacked))
 
     def unit(x_BTD, states):
         unit_stats = []
@@ -178,13 +185,14 @@ def _scan_blocks(cfg: ModelConfig, blocks: list, x_BTD, sin_TH2, cos_TH2, valid_
 
     if cfg.remat:  # one unit's activations recomputed in the backward pass, as nnx.remat does per block
         unit = jax.checkpoint(unit, prevent_cse=False)
-    x_BTD, stats_by_position = jax.lax.scan(unit, x_BTD, stacked)
+    x_BTD, stats_by_position = jax.lax.scan(unit, x_BTD, states)
+    period = len(stacked)
     layer_stats = {
         r * period + j: {name: value[r] for name, value in stats.items()}
         for j, stats in enumerate(stats_by_position) if stats
-        for r in range(repeats)
+        for r in range(stacked_units(cfg))
     }
-    return x_BTD, layer_stats, blocks[repeats * period :]
+    return x_BTD, layer_stats
 
 
 def _collect_aux(cfg: ModelConfig, layer_stats: dict) -> dict:

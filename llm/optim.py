@@ -11,9 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from llm import schedule
 from llm.config import OptimConfig
+from llm.layer_stack import unstacked_ndim
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -72,8 +74,14 @@ def _cooldown(shape: str, peak: float, floor: float, steps: int) -> optax.Schedu
 
 
 def _decay_mask(params):
-    # Weight decay on matrices only: decaying norm gains and biases only hurts.
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    # Weight decay on matrices only: decaying norm gains and biases only hurts. A matrix has two
+    # axes besides the layer scan's stacking one, so both layouts (llm.layer_stack) decay the same.
+    def is_matrix(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(unstacked_ndim(leaf) >= 2)
+        return jnp.ndim(leaf) >= 2
+
+    return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(

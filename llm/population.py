@@ -299,7 +299,7 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
     with contextlib.ExitStack() as stack:
         for mb in members:
             mb.checkpoints = stack.enter_context(Checkpoints(mb.run_dir / CHECKPOINTS, keep=t.keep_checkpoints))
-            mb.start, states[mb.index], mb.earlier_wall = _resume(mb.checkpoints, states[mb.index], mb.run_dir)
+            mb.start, states[mb.index], mb.earlier_wall = _resume(mb.checkpoints, states[mb.index], mb.run_dir, m)
             mb.completed = mb.start
             mb.losses = _losses_so_far(mb.run_dir)
             mb.log = stack.enter_context(contextlib.closing(MetricsLog(mb.run_dir, tensorboard=t.tensorboard)))

@@ -30,7 +30,8 @@ from flax import nnx
 
 from llm import counting
 from llm.checkpoint import Checkpoints
-from llm.config import Config, ConfigError, dump_config, total_steps, validate, without_execution_keys
+from llm.config import Config, ConfigError, ModelConfig, dump_config, total_steps, validate, without_execution_keys
+from llm.layer_stack import restore_state
 from llm.typed_yaml import read_yaml, to_dict
 from llm.data import load_dataset
 from llm.distributed import is_main_process
@@ -322,9 +323,9 @@ def train(
     from tqdm import tqdm
 
     with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
-        start, state, meta = _resume_with_meta(checkpoints, state, run_dir)
+        start, state, meta = _resume_with_meta(checkpoints, state, run_dir, m)
         if start == 0 and parent is not None:
-            start, state, meta = _start_branch(parent, state, run_dir)
+            start, state, meta = _start_branch(parent, state, run_dir, m)
         earlier_wall, branch = float(meta.get("wall_time_s", 0.0)), meta.get("branch")
         losses = _losses_so_far(run_dir)
         meter = _Throughput(start)
@@ -498,23 +499,24 @@ def fetch_metrics(pending: list[dict[str, jax.Array]]) -> list[dict[str, np.ndar
     return [{k: v[i] for k, v in stacked.items()} for i in range(len(pending))]
 
 
-def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, float]:
+def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path, model_cfg: ModelConfig) -> tuple[int, Any, float]:
     """(start step, state, wall seconds of earlier attempts) from the newest complete checkpoint.
 
-    Metrics logged after that checkpoint are dropped; a run with no checkpoint starts over.
+    Metrics logged after that checkpoint are dropped; a run with no checkpoint starts over. The
+    checkpoint may hold either layer layout (llm.layer_stack): it comes back in ``state``'s.
     """
-    start, state, meta = _resume_with_meta(checkpoints, state, run_dir)
+    start, state, meta = _resume_with_meta(checkpoints, state, run_dir, model_cfg)
     return start, state, float(meta.get("wall_time_s", 0.0))
 
 
-def _resume_with_meta(checkpoints: Checkpoints, state: Any, run_dir: Path) -> tuple[int, Any, dict[str, Any]]:
+def _resume_with_meta(checkpoints: Checkpoints, state: Any, run_dir: Path, model_cfg: ModelConfig) -> tuple[int, Any, dict[str, Any]]:
     """``_resume`` with the checkpoint's whole meta (wall seconds of earlier attempts, branch); {} when none."""
     start = checkpoints.resume_step()
     if not start:
         if is_main_process():
             (run_dir / METRICS).unlink(missing_ok=True)  # a run killed before its first checkpoint
         return 0, state, {}
-    state, meta = checkpoints.restore(start, state)
+    state, meta = restore_state(checkpoints, start, state, model_cfg)
     if is_main_process():
         truncate_metrics(run_dir, start)
     return start, state, meta
@@ -537,7 +539,7 @@ def _branch_parent(cfg: Config, branch_from: tuple[str | Path, int] | None) -> t
     return parent_dir, step
 
 
-def _start_branch(parent: tuple[Path, int], state: Any, run_dir: Path) -> tuple[int, Any, dict[str, Any]]:
+def _start_branch(parent: tuple[Path, int], state: Any, run_dir: Path, model_cfg: ModelConfig) -> tuple[int, Any, dict[str, Any]]:
     """Start a cooldown branch: the parent's state after ``step`` steps and its metrics up to there.
 
     The parent keeps that state in branch_points/ (or, by chance, in checkpoints/); when it has
@@ -548,7 +550,7 @@ def _start_branch(parent: tuple[Path, int], state: Any, run_dir: Path) -> tuple[
     for folder in (parent_dir / BRANCH_POINTS, parent_dir / CHECKPOINTS):
         if (folder / str(step)).is_dir():
             with Checkpoints(folder, keep=None) as points:
-                state, meta = points.restore(step, state)
+                state, meta = restore_state(points, step, state, model_cfg)  # the parent may scan or not
             break
     else:
         print(f"cooldown branch: {parent_dir} has no checkpoint at step {step}; training from scratch", file=sys.stderr)

@@ -3,7 +3,10 @@
 Each lever is an execution key (llm.config.EXECUTION_KEYS): a run keeps its identity and its
 checkpoints whichever way it executes, so the optimised path must train the same model.
 Tolerances: the scan runs the same operations, fused differently, so metrics agree to 1e-5
-(relative) in float32 (the MoE model) and 1e-3 in bfloat16 (the dense model); the blockwise loss rounds the logit gradient to the compute dtype, so
+(relative) in float32 (the MoE model) and 1e-3 in bfloat16 (the dense model); in float32 the
+parameters after three steps (the scan's, stored stacked, converted back per block) agree to
+1e-5 absolute (not compared in bfloat16: Adam turns rounding noise in a near-zero gradient
+into a full lr-sized step of either sign); the blockwise loss rounds the logit gradient to the compute dtype, so
 in bfloat16 the losses of three steps agree to 1e-3 nats, in float32
 (the MoE model) to 1e-5.
 """
@@ -17,6 +20,7 @@ import pytest
 from flax import nnx
 
 from llm.config import EXECUTION_KEYS, Config, ConfigError, ModelConfig, MoEConfig, TrainConfig, load_config
+from llm.layer_stack import to_layout
 from llm.logits import block_tokens, blockwise_logits, hidden_state_loss
 from llm.model import Transformer
 from llm.optim import make_optimizer
@@ -31,8 +35,8 @@ MOE = dataclasses.replace(DENSE, n_layers=5, mlp="swiglu", tie_embeddings=False,
 STEPS = 3
 
 
-def train_metrics(model_cfg: ModelConfig, steps: int = STEPS) -> list[dict[str, float]]:
-    """Per-step metrics of the real train step on fixed random tokens."""
+def train_metrics(model_cfg: ModelConfig, steps: int = STEPS, with_params: bool = False):
+    """Per-step metrics of the real train step on fixed random tokens (and the final params, per block)."""
     cfg = Config(model=model_cfg, train=TrainConfig(batch_size=4, steps=steps, tokens=None))
     graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(cfg.optim, steps)
@@ -43,20 +47,31 @@ def train_metrics(model_cfg: ModelConfig, steps: int = STEPS) -> list[dict[str, 
     for _ in range(steps):
         state, metrics = step_fn(state, rng.integers(0, model_cfg.vocab_size, (4, model_cfg.seq_len + 1), dtype=np.int32))
         out.append({k: float(v) for k, v in metrics.items()})
-    return out
+    return (out, to_layout(state["params"], model_cfg, stacked=False)) if with_params else out
 
 
 @pytest.fixture(scope="module")
-def plain():
-    return {"dense": train_metrics(DENSE), "moe": train_metrics(MOE)}
+def plain_and_params():
+    return {"dense": train_metrics(DENSE, with_params=True), "moe": train_metrics(MOE, with_params=True)}
+
+
+@pytest.fixture(scope="module")
+def plain(plain_and_params):
+    return {name: metrics for name, (metrics, _) in plain_and_params.items()}
 
 
 @pytest.mark.parametrize("name,cfg,rtol", [("dense", DENSE, 1e-3), ("moe", MOE, 1e-5)])
-def test_layer_scan_trains_like_the_unrolled_blocks(plain, name, cfg, rtol):
-    scanned = train_metrics(dataclasses.replace(cfg, scan_layers=True, remat=name == "moe"))
-    assert [sorted(m) for m in scanned] == [sorted(m) for m in plain[name]]  # same MoE stats, per layer
-    for got, want in zip(scanned, plain[name]):
+def test_layer_scan_trains_like_the_unrolled_blocks(plain_and_params, name, cfg, rtol):
+    scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat=name == "moe")
+    scanned, params = train_metrics(scan_cfg, with_params=True)
+    want_metrics, want_params = plain_and_params[name]
+    assert [sorted(m) for m in scanned] == [sorted(m) for m in want_metrics]  # same MoE stats, per layer
+    for got, want in zip(scanned, want_metrics):
         np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], rtol=rtol, atol=1e-6)
+    assert jax.tree.structure(params) == jax.tree.structure(want_params)
+    if cfg.compute_dtype == "float32":
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,cfg,atol", [("dense", DENSE, 1e-3), ("moe", MOE, 1e-5)])
@@ -111,11 +126,8 @@ def test_blockwise_loss_never_holds_full_float32_logits():
     assert temp_bytes("blockwise") < full_bytes / 4  # a block's logits and their gradient: 2/16 of full
 
 
-def test_scan_keeps_the_parameter_tree_and_the_levers_are_execution_keys():
-    trees = [jax.tree.structure(nnx.state(Transformer(dataclasses.replace(MOE, scan_layers=s), rngs=nnx.Rngs(0))))
-             for s in (False, True)]  # fmt: skip
-    assert trees[0] == trees[1]  # checkpoints of either path restore into the other
-    assert {"model.scan_layers", "model.logits"} <= set(EXECUTION_KEYS)
+def test_the_levers_are_execution_keys():
+    assert {"model.scan_layers", "model.logits"} <= set(EXECUTION_KEYS)  # checkpoints convert (llm.layer_stack)
     with pytest.raises(ConfigError, match="model.logits='blocked' is not allowed.*blockwise"):
         load_config(overrides=["model.logits=blocked"])
 
