@@ -126,9 +126,9 @@ class Checkpoints:
     def saved_tree(self, step: int) -> dict[str, Any]:
         """The nested dict of the state saved at ``step`` (orbax's metadata: keys as saved, array
         metadata as leaves), read without reading any array; CheckpointError if unreadable."""
-        try:
+        try:  # the item's own handler: the manager knows it only after a save or restore in this process
             with _quiet_orbax():
-                tree = self._manager.item_metadata(step)["state"].tree
+                tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
         except Exception as err:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} exists but cannot be read ({_first_line(err)})") from err
         return dict(tree)
