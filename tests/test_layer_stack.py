@@ -20,22 +20,25 @@ from llm.config import ModelConfig, MoEConfig, OptimConfig, load_config
 from llm.data.tokenizers import ByteTokenizer
 from llm.evaluation import Evaluator
 from llm.layer_stack import is_stacked, to_layout
-from llm.model import Transformer
+from llm.model import Transformer, layer_blocks
 from llm.optim import _decay_mask, make_optimizer
 
 MOE = ModelConfig(d_model=16, n_layers=5, n_heads=2, d_ff=32, seq_len=32, compute_dtype="float32",
                   moe=MoEConfig(n_experts=4, top_k=2, every=2, d_ff_expert=16))  # fmt: skip
 
 
-def train_state(cfg: ModelConfig) -> dict:
-    params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return {"params": params, "opt_state": make_optimizer(OptimConfig(), 10).init(params), "step": jnp.zeros((), jnp.int32)}
+@pytest.fixture(scope="module")
+def models():
+    """{scan_layers: the model}, built from one seed."""
+    return {scan: Transformer(dataclasses.replace(MOE, scan_layers=scan), rngs=nnx.Rngs(0)) for scan in (False, True)}
 
 
 @pytest.fixture(scope="module")
-def states():
+def states(models):
     """The initial train state in each layout: {scan_layers: state}."""
-    return {scan: train_state(dataclasses.replace(MOE, scan_layers=scan)) for scan in (False, True)}
+    optimizer = make_optimizer(OptimConfig(), 10)
+    params = {scan: nnx.state(model) for scan, model in models.items()}
+    return {scan: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)} for scan, p in params.items()}
 
 
 def assert_same_tree(got, want):
@@ -83,14 +86,22 @@ def test_both_layouts_decay_the_same_parameters(states):
     assert plain["blocks"][1]["mlp"]["router_DE"][...].all() and plain["embed_VD"][...].all()
 
 
+def test_layer_blocks_of_a_scanned_model_are_the_unrolled_blocks_in_order(models):
+    got = [nnx.state(block) for block in layer_blocks(models[True])]  # what llm.evaluation's decoder walks
+    assert [block.is_moe for block in layer_blocks(models[True])] == [False, True, False, True, False]
+    assert_same_tree(got, [nnx.state(block) for block in models[False].blocks])
+
+
 def test_scanned_model_scores_and_generates_as_the_unrolled_one():
+    """Three dense layers (the MoE blocks' order is checked above, and they cost the most to compile)."""
     tok = ByteTokenizer()
-    models = [Transformer(dataclasses.replace(MOE, scan_layers=scan), rngs=nnx.Rngs(3)) for scan in (False, True)]
+    cfg = dataclasses.replace(MOE, moe=None, n_layers=3)
+    models = [Transformer(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(3)) for scan in (False, True)]
     evaluators = [Evaluator.from_model(m, tok, max_length=32, batch_size=4) for m in models]  # the key/value cache
-    requests = [("abc", " d"), ("Q: 4 plus 5?\nA:", " 9")]
+    requests = [("abc", " d"), ("4+5=", "9")]  # one length bucket: one compilation each
     (plain, scanned) = [ev.loglikelihood(requests) for ev in evaluators]
     np.testing.assert_allclose([ll for ll, _ in scanned], [ll for ll, _ in plain], rtol=1e-5)
-    generated = [ev.generate_until([(c, [], 6) for c, _ in requests]) for ev in evaluators]
+    generated = [ev.generate_until([(c, [], 4) for c, _ in requests]) for ev in evaluators]
     assert generated[1] == generated[0] and any(generated[0])
 
 
