@@ -70,6 +70,7 @@ def run_layout(overrides: list[str], layout: dict[str, int]) -> dict:
 
     from llm import sharding
     from llm.config import MESH_AXES, load_config, total_steps
+    from llm.layer_stack import to_layout
     from llm.optim import make_optimizer
     from llm.training import init_state, make_run_step
 
@@ -89,14 +90,15 @@ def run_layout(overrides: list[str], layout: dict[str, int]) -> dict:
         losses.append(float(metrics["train_loss"]))
         dropped = max([dropped] + [float(v) for k, v in metrics.items() if k.endswith("drop_fraction")])
     specs = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):  # the scan's stored stacked
         spec = leaf.sharding.spec
         specs[jax.tree_util.keystr(path)] = [list(p) if isinstance(p, tuple) else p for p in spec] + [None] * (leaf.ndim - len(spec))
     return {
         "mesh": sharding.mesh_summary(mesh),
         "losses": losses,
         "drop_fraction": dropped,  # the most any MoE layer dropped in any step (0.0 for a dense model)
-        "params": [np.asarray(x) for x in jax.tree.leaves(state["params"])],
+        # per block whatever the layout, so the scan's compare with the plain path's, leaf by leaf
+        "params": [np.asarray(x) for x in jax.tree.leaves(to_layout(state["params"], cfg.model, stacked=False))],
         "param_bytes_per_device": _bytes_per_device(state["params"]),
         "opt_bytes_per_device": _bytes_per_device(state["opt_state"]),
         "specs": specs,

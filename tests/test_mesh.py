@@ -110,6 +110,8 @@ def test_partition_specs_follow_the_rules(layouts):
                           "['final_norm']['scale_D'].value": [None]},  # fmt: skip
         "fsdp8": {"['embed_VD'].value": [None, "fsdp"], "['blocks'][0]['attn']['w_v_DKH'].value": ["fsdp", None, None]},
     }
+    # the scan's stacked parameters: the same split behind a whole "layers" axis
+    assert layouts["dense_scan"]["fsdp4_tensor2"]["specs"]["['stacked'][0]['attn']['w_q_DNH'].value"] == [None, "fsdp", "tensor", None]
     runs = layouts["dense"]
     for name, specs in expected.items():
         for path, spec in specs.items():
