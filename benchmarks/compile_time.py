@@ -7,7 +7,8 @@ Times ``jit(step).lower(state, batch).compile()`` of ``llm.training.make_train_s
 step ``chinchax train`` runs) on a small shape (d_model 128, 2 heads, vocab 256, seq 64,
 batch 4), so the figure is XLA's work on the program, not the arithmetic. Each repeat
 builds a fresh jit, so nothing comes from the compilation cache; medians of wall and
-process CPU seconds are printed.
+process CPU seconds are printed, and the line count of the optimised HLO XLA compiled (a
+measure of program size: it grows with depth where something is still unrolled).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from llm.optim import make_optimizer  # noqa: E402
 from llm.training import make_train_step  # noqa: E402
 
 
-def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> tuple[float, float]:
-    """(wall, process CPU) seconds to lower and compile one fresh train step for ``model_cfg``.
+def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> tuple[float, float, int]:
+    """(wall, process CPU) seconds to lower and compile one fresh train step for ``model_cfg``, and
+    the optimised HLO's line count.
 
     CPU seconds (all threads of this process) are the steadier figure on a shared machine.
     """
@@ -43,8 +45,9 @@ def compile_seconds(model_cfg: ModelConfig, batch_size: int = 4) -> tuple[float,
     batch = jax.ShapeDtypeStruct((batch_size, model_cfg.seq_len + 1), jnp.int32)
     step = make_train_step(graphdef, optimizer, cfg)
     wall, cpu = time.perf_counter(), time.process_time()
-    step.lower(state, batch).compile()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - wall, time.process_time() - cpu
+    return (*seconds, compiled.as_text().count("\n"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,17 +61,19 @@ def main(argv: list[str] | None = None) -> None:
         base = dataclasses.replace(base, moe=MoEConfig(n_experts=8, top_k=2, every=args.moe_every, d_ff_expert=256))
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; median of {args.repeats} compilations "
           "(plain and scan alternate, so load drifts hit both)")
-    print(f"{'layers':>6} {'plain wall s':>12} {'scan wall s':>11} {'plain CPU s':>11} {'scan CPU s':>10}")
+    print(f"{'layers':>6} {'plain wall s':>12} {'scan wall s':>11} {'plain CPU s':>11} {'scan CPU s':>10} "
+          f"{'plain HLO':>9} {'scan HLO':>8}")
     first = None
     for n_layers in args.layers:
         times = {False: [], True: []}
         for _ in range(args.repeats):
             for scan in (False, True):
                 times[scan].append(compile_seconds(dataclasses.replace(base, n_layers=n_layers, scan_layers=scan)))
-        row = [statistics.median(t[i] for t in times[scan]) for i in (0, 1) for scan in (False, True)]
+        row = [statistics.median(t[i] for t in times[scan]) for i in (0, 1, 2) for scan in (False, True)]
         first = first or row
         ratios = ", ".join(f"{r / f:.2f}" for r, f in zip(row, first))
-        print(f"{n_layers:>6} {row[0]:>12.2f} {row[1]:>11.2f} {row[2]:>11.2f} {row[3]:>10.2f}   (x of the first row: {ratios})", flush=True)
+        print(f"{n_layers:>6} {row[0]:>12.2f} {row[1]:>11.2f} {row[2]:>11.2f} {row[3]:>10.2f} {row[4]:>9.0f} {row[5]:>8.0f}"
+              f"   (x of the first row: {ratios})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -390,7 +390,8 @@ def tokens_per_step(cfg: Config) -> int:
 
 # How a run is executed, not what it trains: the progress bar, the MoE kernel (the
 # dispatch kernels compute the same function; "auto" picks one per platform), the layer
-# scan (same parameters, same function, one compiled unit) and the blockwise loss (same
+# scan (same parameters, stored stacked, converted on restore by llm.layer_stack; same
+# function, one compiled unit) and the blockwise loss (same
 # loss; the logit gradient rounded to the compute dtype) and the device mesh (the same
 # function computed over other devices). They may differ between a run and its resume,
 # and they are not part of a run's identity.

@@ -12,6 +12,11 @@ Architecture: token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + MLP(RMSNo
 grouped-query attention, SwiGLU or GELU MLP. When ``cfg.moe`` is set, the blocks that
 ``llm.counting.is_moe_block`` names use the routed MoE layer (llm.moe) in the MLP slot.
 
+Layer scan (``cfg.scan_layers``): the repeating units of blocks are stored stacked
+(``stacked[j]``, parameters [units, ...]; llm.layer_stack) and run as one ``jax.lax.scan``;
+``blocks`` then holds only the dense blocks left over. ``layer_blocks`` lists every layer's
+block in order in either layout.
+
 Sharding: parameters carry logical axis names (llm.layers.normal_param) and the residual
 stream and logits are constrained by name (llm.sharding.constrain, a no-op without a mesh);
 llm.sharding alone maps names to mesh axes.
