@@ -9,6 +9,18 @@ every process sees) and every process must enter ``save`` and ``restore`` (they 
 A checkpoint is not tied to the mesh that wrote it: ``restore`` reads into the shardings of the
 targets it is given, so a run saved on 8 devices as FSDP resumes on 4 as data x tensor parallel
 when the targets are laid out for the current mesh (llm.sharding.state_shardings).
+
+Asynchronous saves (``asynchronous=True``, the training loop's default, ``train.async_checkpoint``):
+``save`` returns once the arrays are captured on the host and the files are written by a background
+thread; the next ``save``, ``wait`` and ``close`` wait for that write, and a failure of it is a
+CheckpointError naming its own step. The caller may donate the saved state to its next step at once:
+orbax copies every array to the host inside ``save`` (all arrays are its "prioritized" transfers when
+no transfer-byte limit is set), and on CPU, where that host copy is a view of the device buffer, XLA
+does not donate a buffer a view still references (it computes into a fresh one instead). Had either
+not held, the write would read a deleted array and fail loudly, never write later values
+(tests/test_checkpoint_async.py saves, donates, restores and compares). A device-side copy before
+the save would not depend on either, but it costs a copy of the state in device memory for as long
+as the write runs and more time blocked (benchmarks/checkpoint_save.py).
 """
 
 from __future__ import annotations
@@ -36,8 +48,10 @@ class CheckpointError(RuntimeError):
 class Checkpoints:
     """Orbax checkpoints of one run, keeping the last ``keep``; a context manager that closes them."""
 
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int | None, *, asynchronous: bool = False):
         self.directory = Path(directory).absolute()
+        self.asynchronous = asynchronous
+        self._writing: int | None = None  # step of the save whose background write may not have finished
         with _quiet_orbax():  # it reads every step's metadata; an unreadable one is restore's error
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -51,7 +65,8 @@ class Checkpoints:
         self.close()
 
     def latest_step(self) -> int | None:
-        """Step of the newest complete checkpoint, or None."""
+        """Step of the newest checkpoint, or None; with an asynchronous save in flight, its step
+        (complete once ``wait`` returns without error; a fresh Checkpoints sees complete ones only)."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
@@ -88,21 +103,46 @@ class Checkpoints:
         return latest
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Write ``state`` (a pytree of arrays) and JSON ``meta`` for ``step``; blocks until done.
+        """Write ``state`` (a pytree of arrays) and JSON ``meta`` for ``step``.
 
+        Synchronous: returns when the checkpoint is complete. Asynchronous: waits for the previous
+        save's write (its failure raised first, naming its step), captures ``state`` on the host and
+        returns while the files are written; ``state`` may be donated right after.
         On failure (a full disk) orbax's half-written folder is removed, so the next attempt
         resumes from the previous checkpoint, and CheckpointError names the step's folder.
         """
+        self.wait()
         try:
             self._manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             )
+        except Exception as err:
+            self._discard_partial(step)
+            raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
+        self._writing = step
+        if not self.asynchronous:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete on disk.
+
+        A failed background write is a CheckpointError naming its step's folder (raised once);
+        its half-written folder is removed and the checkpoints before it are kept, so a rerun
+        resumes from the previous one.
+        """
+        step, self._writing = self._writing, None
+        if step is None:
+            return
+        try:
             self._manager.wait_until_finished()
         except Exception as err:
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._discard_partial(step)
             raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
+
+    def _discard_partial(self, step: int) -> None:
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """Restore the state shaped like ``like`` and its meta; CheckpointError if unreadable.
@@ -134,7 +174,11 @@ class Checkpoints:
         return dict(tree)
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the save in flight (CheckpointError if its write failed), then release orbax."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -134,6 +134,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # write checkpoints in a background thread (llm.checkpoint); false: the loop waits
     progress: bool = True  # progress bar on stderr
     tensorboard: bool = True
 
@@ -397,7 +398,7 @@ def tokens_per_step(cfg: Config) -> int:
 # and they are not part of a run's identity.
 EXECUTION_KEYS = ("train.progress", "model.moe.grouped_matmul", "model.scan_layers", "model.logits") + tuple(
     f"mesh.{axis}" for axis in MESH_AXES
-)
+) + ("train.async_checkpoint",)  # the same checkpoint files, written in the background or not
 
 
 def without_execution_keys(data: dict[str, Any]) -> dict[str, Any]:

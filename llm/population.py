@@ -298,7 +298,8 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
 
     with contextlib.ExitStack() as stack:
         for mb in members:
-            mb.checkpoints = stack.enter_context(Checkpoints(mb.run_dir / CHECKPOINTS, keep=t.keep_checkpoints))
+            mb.checkpoints = stack.enter_context(Checkpoints(mb.run_dir / CHECKPOINTS, keep=t.keep_checkpoints,
+                                                                   asynchronous=t.async_checkpoint))
             mb.start, states[mb.index], mb.earlier_wall = _resume(mb.checkpoints, states[mb.index], mb.run_dir, m)
             mb.completed = mb.start
             mb.losses = _losses_so_far(mb.run_dir)
@@ -326,6 +327,7 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
 
         def finish(mb: _Member) -> None:
             mb.live = False
+            mb.checkpoints.wait()  # result.json only once its last checkpoint is on disk
             result = run_result(mb.summary, mb.cfg, mb.dataset, error=mb.error, step=mb.completed, losses=mb.losses,
                                 wall_time_s=mb.earlier_wall + time.perf_counter() - started,
                                 tokens_per_s=meter.steady())  # fmt: skip

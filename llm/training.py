@@ -322,7 +322,10 @@ def train(
     summary = run_summary(cfg, dataset, run_name, moe_kernel(m), hardware, versions, mesh=sharding.mesh_summary(mesh))
     from tqdm import tqdm
 
-    with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints) as checkpoints:
+    # Leaving this block waits for the last checkpoint's background write (its failure fails the
+    # run), so result.json, written after it, never announces a run whose checkpoint is not on disk.
+    with Checkpoints(run_dir / CHECKPOINTS, keep=t.keep_checkpoints, asynchronous=t.async_checkpoint) as checkpoints, \
+            _branch_points(run_dir, branch_steps, t.async_checkpoint) as points:  # fmt: skip
         start, state, meta = _resume_with_meta(checkpoints, state, run_dir, m)
         if start == 0 and parent is not None:
             start, state, meta = _start_branch(parent, state, run_dir, m)
@@ -336,8 +339,7 @@ def train(
                     "wall_time_s": earlier_wall + time.perf_counter() - started, "branch": branch}  # fmt: skip
             with meter.paused():
                 if at in branch_steps:  # kept for the branches, apart from the resume rotation
-                    with Checkpoints(run_dir / BRANCH_POINTS, keep=None) as points:
-                        points.save(at, state, meta)
+                    points.save(at, state, meta)
                 checkpoints.save(at, state, meta)
 
         def line(at: int, host: list[dict]) -> dict:  # the metrics.jsonl line for the steps since the last
@@ -520,6 +522,14 @@ def _resume_with_meta(checkpoints: Checkpoints, state: Any, run_dir: Path, model
     if is_main_process():
         truncate_metrics(run_dir, start)
     return start, state, meta
+
+
+def _branch_points(run_dir: Path, branch_steps: tuple[int, ...], asynchronous: bool):
+    """The run's branch_points/ Checkpoints (kept whatever the rotation) when it has ``branch_steps``;
+    else a context of None (no folder is created)."""
+    if not branch_steps:
+        return contextlib.nullcontext()
+    return Checkpoints(run_dir / BRANCH_POINTS, keep=None, asynchronous=asynchronous)
 
 
 def _branch_parent(cfg: Config, branch_from: tuple[str | Path, int] | None) -> tuple[Path, int] | None:

@@ -44,3 +44,44 @@ def tiny_eval_run(tmp_path_factory):
     result = train(cfg, root / "run")
     assert result.status == "done", result.error
     return root / "run"
+
+
+class CheckpointWrites:
+    """Hooks into the background half of every checkpoint write, where orbax serialises the arrays
+    it copied to the host inside ``save``: before writing, the hook waits for ``gate`` (an Event,
+    open unless a test clears it), sleeps ``delay`` seconds, records in ``seen`` whether it runs
+    off the main thread and what ``probe()`` returns (None without a probe), then raises ``fail``
+    if set."""
+
+    def __init__(self):
+        import threading
+
+        self.gate = threading.Event()
+        self.gate.set()
+        self.delay = 0.0
+        self.fail: BaseException | None = None
+        self.probe = None
+        self.seen: list[tuple[bool, object]] = []
+
+
+@pytest.fixture
+def checkpoint_writes(monkeypatch):
+    import threading
+    import time
+
+    from orbax.checkpoint._src.serialization import jax_array_handlers
+
+    writes = CheckpointWrites()
+    real = jax_array_handlers._async_serialize_replica_slices
+
+    async def serialize(*args, **kwargs):
+        assert writes.gate.wait(timeout=60), "checkpoint_writes: the gate was never opened"
+        time.sleep(writes.delay)
+        writes.seen.append((threading.current_thread() is not threading.main_thread(), writes.probe and writes.probe()))
+        if writes.fail is not None:
+            raise writes.fail
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(jax_array_handlers, "_async_serialize_replica_slices", serialize)
+    yield writes
+    writes.gate.set()  # never leave a background write waiting

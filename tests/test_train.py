@@ -145,11 +145,16 @@ def test_rerunning_a_finished_run_does_nothing(finished_run):
     "stop, checkpoint_steps",
     [(RuntimeError, [4, 8]), (KeyboardInterrupt, [8, 9])],  # Ctrl-C / SIGTERM also saves the steps done
 )
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch, stop, checkpoint_steps):
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch, checkpoint_writes,
+                                                          stop, checkpoint_steps):
+    """Checkpoints are written in the background, slowly: the crash or interrupt and the end of the
+    run each wait for the last write, and result.json comes after it."""
     from llm import training
 
     cfg = tiny(cache_dir, "train.steps=12", "train.checkpoint_every=4", "train.log_every=2")
     straight = training.train(cfg, tmp_path / "straight")
+    checkpoint_writes.delay, checkpoint_writes.seen = 0.2, []
+    checkpoint_writes.probe = lambda: (tmp_path / "resumed" / "result.json").exists()
 
     real_load = training.load_dataset
 
@@ -178,6 +183,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
 
     for key in ("final_eval_loss", "final_train_loss", "best_eval_loss"):
         assert resumed.result[key] == straight.result[key], key
+    assert (tmp_path / "resumed" / "checkpoints" / "12").is_dir()  # complete when train() returns
+    saves = len({4, *checkpoint_steps}) + 1  # the crashed attempt's, then step 12's
+    assert checkpoint_writes.seen == [(True, False)] * saves  # each off the main thread, none after result.json
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "metrics logged after the last checkpoint must not repeat"
 
