@@ -56,7 +56,6 @@ def test_a_failed_background_write_fails_naming_its_own_step(tmp_path, checkpoin
     checkpoints.wait()
     checkpoint_writes.fail = OSError("No space left on device")
     checkpoints.save(2, state, {"step": 2})  # returns: the write fails in the background
-    checkpoint_writes.fail = None
     with pytest.raises(CheckpointError, match=rf"cannot write checkpoint {tmp_path}/2: OSError: No space left on device"):
         checkpoints.save(3, state, {"step": 3}) if found_by == "the next save" else checkpoints.close()
     # step 2's half-written folder is gone, step 1 kept despite keep=1, step 3 never started
