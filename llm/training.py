@@ -209,7 +209,8 @@ def should_log(step: int, total_steps: int, log_every: int, eval_every: int) -> 
 def should_checkpoint(step: int, total_steps: int, checkpoint_every: int) -> bool:
     """Whether a checkpoint is saved after step ``step``: every ``checkpoint_every`` steps and at the last.
 
-    Independent of the logging cadence, so a kill -9 loses at most ``checkpoint_every`` steps.
+    Independent of the logging cadence, so a kill -9 loses at most ``checkpoint_every`` steps, plus
+    with asynchronous saves those run while the newest checkpoint was still being written.
     """
     return step % checkpoint_every == 0 or step == total_steps
 
