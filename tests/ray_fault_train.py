@@ -30,6 +30,7 @@ def pausing_train(cfg, run_dir, *, run_name=None, **kwargs):
 
         def save_then_hold(self, step, state, meta):
             save(self, step, state, meta)
+            self.wait()  # on disk, not still being written in the background, before the test may kill us
             checkpoint.Checkpoints.save = save  # hold once
             (gate / f"{run_name}.paused").write_text(str(os.getpid()))
             while not (gate / "release").exists():
