@@ -118,8 +118,7 @@ class Checkpoints:
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             )
         except Exception as err:
-            self._discard_partial(step)
-            raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
+            raise self._write_failed(step, err) from err
         self._writing = step
         if not self.asynchronous:
             self.wait()
@@ -137,12 +136,13 @@ class Checkpoints:
         try:
             self._manager.wait_until_finished()
         except Exception as err:
-            self._discard_partial(step)
-            raise CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}") from err
+            raise self._write_failed(step, err) from err
 
-    def _discard_partial(self, step: int) -> None:
+    def _write_failed(self, step: int, err: Exception) -> CheckpointError:
+        """The error of a failed write of ``step``, its half-written folder removed."""
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(partial, ignore_errors=True)
+        return CheckpointError(f"cannot write checkpoint {self.directory / str(step)}: {_first_line(err)}")
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """Restore the state shaped like ``like`` and its meta; CheckpointError if unreadable.
