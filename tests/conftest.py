@@ -48,10 +48,10 @@ def tiny_eval_run(tmp_path_factory):
 
 class CheckpointWrites:
     """Hooks into the background half of every checkpoint write, where orbax serialises the arrays
-    it copied to the host inside ``save``: before writing, the hook waits for ``gate`` (an Event,
-    open unless a test clears it), sleeps ``delay`` seconds, records in ``seen`` whether it runs
-    off the main thread and what ``probe()`` returns (None without a probe), then raises ``fail``
-    if set."""
+    it copied to the host inside ``save``. Once the step's temporary folder exists and before
+    writing into it, the hook waits for ``gate`` (an Event, open unless a test clears it), sleeps
+    ``delay`` seconds, records in ``seen`` whether it runs off the main thread and what ``probe()``
+    returns (None without a probe), then raises ``fail`` if set."""
 
     def __init__(self):
         import threading
@@ -74,13 +74,14 @@ def checkpoint_writes(monkeypatch):
     writes = CheckpointWrites()
     real = jax_array_handlers._async_serialize_replica_slices
 
-    async def serialize(*args, **kwargs):
+    async def serialize(values, infos, *args, **kwargs):
+        await infos[0].await_path_creation()  # the step's temporary folder exists (orbax makes it in the background)
         assert writes.gate.wait(timeout=60), "checkpoint_writes: the gate was never opened"
         time.sleep(writes.delay)
         writes.seen.append((threading.current_thread() is not threading.main_thread(), writes.probe and writes.probe()))
         if writes.fail is not None:
             raise writes.fail
-        return await real(*args, **kwargs)
+        return await real(values, infos, *args, **kwargs)
 
     monkeypatch.setattr(jax_array_handlers, "_async_serialize_replica_slices", serialize)
     yield writes
