@@ -38,7 +38,7 @@ from typing import Any
 
 from llm.config import ConfigError
 from sweeps.lock import RAY_NODE_ENV, LOST_AFTER_S
-from sweeps.resident_worker import ResidentWorker, servable
+from sweeps.resident_worker import ResidentWorker, servable, terminate
 
 
 def visible_gpus() -> list[str]:
@@ -216,14 +216,8 @@ class LocalBackend:
             self.residents.pop(handle, None)
             proc.stop(grace_s)
             return
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc, grace_s)
 
     def owner_lost(self, owner: dict) -> bool:
         """Never: a lock taken on this machine is checked by its pid (sweeps.lock)."""

@@ -103,6 +103,20 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- the parent's handle
 
 
+def terminate(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM ``proc`` if it still runs (a training job saves a checkpoint and frees its lock),
+    SIGKILL it after ``grace_s`` seconds, and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+
 class ResidentWorker:
     """One resident worker process: ``submit`` a job, ``poll`` its exit code, ``stop`` or ``close`` it.
 
@@ -167,9 +181,7 @@ class ResidentWorker:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (a running job saves a checkpoint and frees its lock), then SIGKILL."""
-        if self.alive():
-            self.proc.terminate()
-            self._wait(grace_s)
+        terminate(self.proc, grace_s)
         self._close_pipes()
 
     def close(self, grace_s: float = 15.0) -> None:
@@ -184,13 +196,6 @@ class ResidentWorker:
             except subprocess.TimeoutExpired:
                 self.stop(grace_s)
         self._close_pipes()
-
-    def _wait(self, grace_s: float) -> None:
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     def _close_pipes(self) -> None:
         if self._replies is not None:
