@@ -158,11 +158,9 @@ def layer_blocks(model: Transformer) -> list[Block]:
     """The model's n_layers blocks in order, each with its own parameters: the stacked ones are
     sliced out (position j of unit r is layer r * period + j). For code that walks the layers one
     by one (llm.evaluation's key/value-cache decoder); a slice under jit is a view, not a copy."""
-    blocks = []
-    for r in range(stacked_units(model.cfg)):
-        for stacked in model.stacked:
-            graphdef, state = nnx.split(stacked)
-            blocks.append(nnx.merge(graphdef, unstack(state, r)))
+    units = stacked_units(model.cfg)
+    splits = [nnx.split(stacked) for stacked in model.stacked] if units else []
+    blocks = [nnx.merge(graphdef, unstack(state, r)) for r in range(units) for graphdef, state in splits]
     return blocks + list(model.blocks)
 
 
