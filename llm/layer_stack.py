@@ -144,6 +144,8 @@ def restore_state(checkpoints, step: int, like: Any, cfg: ModelConfig) -> tuple[
     in: read in its own layout (found from the saved tree), then converted into ``like``'s, with
     ``like``'s shardings. Returns (state, meta)."""
     want = is_stacked(like)
+    if cfg.n_layers // layer_period(cfg) < 2:  # one layout only (to_layout's own test): no saved tree to read
+        return checkpoints.restore(step, like)
     if (STACKED in checkpoints.saved_tree(step).get("params", {})) == want:
         return checkpoints.restore(step, like)
     saved_like = jax.eval_shape(functools.partial(to_layout, cfg=cfg, stacked=not want), like)
