@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llm.config import ModelConfig
-from llm.layers import apply_rope, dtype_of, input_std, normal_param, output_std
+from llm.layers import apply_rope, dtype_of, input_std, normal_param, output_std, token_matmul
 
 
 @functools.cache
@@ -62,10 +62,10 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD: jax.Array, sin_TH2: jax.Array, cos_TH2: jax.Array) -> jax.Array:
         cdt = self.compute_dtype
         x_BTD = x_BTD.astype(cdt)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.w_q_DNH[...].astype(cdt))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.w_k_DKH[...].astype(cdt))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.w_v_DKH[...].astype(cdt))
+        q_BTNH = token_matmul(x_BTD, self.w_q_DNH[...].astype(cdt))
+        k_BTKH = token_matmul(x_BTD, self.w_k_DKH[...].astype(cdt))
+        v_BTKH = token_matmul(x_BTD, self.w_v_DKH[...].astype(cdt))
         q_BTNH = apply_rope(q_BTNH, sin_TH2, cos_TH2)
         k_BTKH = apply_rope(k_BTKH, sin_TH2, cos_TH2)
         o_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH)
-        return jnp.einsum("btnh,nhd->btd", o_BTNH, self.w_o_NHD[...].astype(cdt))
+        return token_matmul(o_BTNH, self.w_o_NHD[...].astype(cdt), n_in=2)

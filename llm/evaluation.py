@@ -158,7 +158,7 @@ def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
     The same computation as ``Transformer.__call__`` (llm.model), step by step: embedding, per block
     attention (RoPE at absolute positions) and the MLP slot, final norm, unembedding.
     """
-    from llm.layers import rope_tables
+    from llm.layers import rope_tables, token_matmul
     from llm.model import layer_blocks
 
     cfg, cdt = model.cfg, model.compute_dtype
@@ -172,22 +172,21 @@ def _cached_forward(model, tokens_BS, pos_BS, valid_BS, cache):
     for block, (k_cache, v_cache) in zip(layer_blocks(model), cache):
         attn = block.attn
         h_BSD = block.attn_norm(x_BSD).astype(cdt)
-        q = _rope_at(jnp.einsum("bsd,dnh->bsnh", h_BSD, attn.w_q_DNH[...].astype(cdt)), sin_BSH2, cos_BSH2)
-        k = _rope_at(jnp.einsum("bsd,dkh->bskh", h_BSD, attn.w_k_DKH[...].astype(cdt)), sin_BSH2, cos_BSH2)
-        v = jnp.einsum("bsd,dkh->bskh", h_BSD, attn.w_v_DKH[...].astype(cdt))
+        q = _rope_at(token_matmul(h_BSD, attn.w_q_DNH[...].astype(cdt)), sin_BSH2, cos_BSH2)
+        k = _rope_at(token_matmul(h_BSD, attn.w_k_DKH[...].astype(cdt)), sin_BSH2, cos_BSH2)
+        v = token_matmul(h_BSD, attn.w_v_DKH[...].astype(cdt))
         k_cache = k_cache.at[rows_B1, pos_BS].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[rows_B1, pos_BS].set(v.astype(v_cache.dtype))
         new_cache.append((k_cache, v_cache))
         o_BSNH = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask_B1ST, implementation="xla")
-        x_BSD = x_BSD + jnp.einsum("bsnh,nhd->bsd", o_BSNH, attn.w_o_NHD[...].astype(cdt))
+        x_BSD = x_BSD + token_matmul(o_BSNH, attn.w_o_NHD[...].astype(cdt), n_in=2)
         if block.is_moe:
             h_BSD, _ = block.mlp(block.mlp_norm(x_BSD), valid_BS)
         else:
             h_BSD = block.mlp(block.mlp_norm(x_BSD))
         x_BSD = x_BSD + h_BSD
     x_BSD = model.final_norm(x_BSD)
-    w_DV = model.embed_VD[...].T if cfg.tie_embeddings else model.unembed_DV[...]
-    logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, w_DV.astype(cdt), preferred_element_type=jnp.float32)
+    logits_BSV = token_matmul(x_BSD, model.unembedding(), preferred_element_type=jnp.float32)
     return logits_BSV, new_cache
 
 

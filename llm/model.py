@@ -36,7 +36,7 @@ from llm.attention import Attention
 from llm.config import ModelConfig
 from llm.counting import is_moe_block
 from llm.layer_stack import layer_period, stack, stacked_units, unstack
-from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables
+from llm.layers import MLP, RMSNorm, dtype_of, normal_param, rope_tables, token_matmul
 from llm.moe import MoE, moe_kernel
 from llm.sharding import constrain
 
@@ -125,7 +125,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"valid_BT shape {tuple(valid_BT.shape)} differs from tokens {tuple(tokens_BT.shape)}")
         x_BTD, aux = self.hidden(tokens_BT, valid_BT)
         # bf16 operands, float32 accumulation and output: logits and the loss stay float32.
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.unembedding(), preferred_element_type=jnp.float32)
+        logits_BTV = token_matmul(x_BTD, self.unembedding(), preferred_element_type=jnp.float32)
         return constrain(logits_BTV, ("batch", "seq", "vocab")), aux
 
     def hidden(self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None):

@@ -112,3 +112,23 @@ def test_rejects_bad_token_shape():
     model = Transformer(TINY, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         model(jnp.zeros((4,), jnp.int32))
+
+
+def test_token_matmul_is_the_einsum_over_flattened_tokens():
+    from llm.layers import token_matmul
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x_BTD = jax.random.normal(k1, (2, 5, 6))
+    w_DNH = jax.random.normal(k2, (6, 3, 4))
+    w_NHD = jax.random.normal(k3, (3, 4, 6))
+    q_BTNH = token_matmul(x_BTD, w_DNH)
+    np.testing.assert_allclose(q_BTNH, jnp.einsum("btd,dnh->btnh", x_BTD, w_DNH), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        token_matmul(q_BTNH, w_NHD, n_in=2), jnp.einsum("btnh,nhd->btd", q_BTNH, w_NHD), rtol=1e-5, atol=1e-4
+    )
+    # gradients too: the weight gradient is the one whose kernel the flattening changes
+    g = jax.grad(lambda w: jnp.sum(token_matmul(x_BTD, w) ** 2))(w_DNH)
+    g_ref = jax.grad(lambda w: jnp.sum(jnp.einsum("btd,dnh->btnh", x_BTD, w) ** 2))(w_DNH)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"last 2 axes \(5, 6\) differ from w's first \(3, 4\)"):
+        token_matmul(x_BTD, w_NHD, n_in=2)
