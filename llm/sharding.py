@@ -258,6 +258,11 @@ class Layout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    @property
+    def stacked_batch(self) -> NamedSharding:
+        """A stack of [batch, seq] token batches, [steps, batch, seq]: each batch split as ``batch``."""
+        return NamedSharding(self.mesh, PartitionSpec(None, *self.batch.spec))
+
     def host_rows(self, batch_size: int) -> slice:
         """The rows of a [batch_size, ...] batch this process builds and places."""
         return process_rows(self.rows, (batch_size,))
@@ -267,6 +272,11 @@ class Layout:
         split by rows over the batch axes."""
         sharding = batch_sharding(self.mesh, rows.ndim)
         return place_batch(rows, sharding, (batch_size,) + rows.shape[1:])
+
+    def put_stacked(self, rows_KbT: np.ndarray, batch_size: int) -> jax.Array:
+        """A global [steps, batch_size, ...] stack of batches from this process's rows of each
+        (``host_rows``, axis 1), laid out as ``stacked_batch``."""
+        return place_batch(rows_KbT, self.stacked_batch, (rows_KbT.shape[0], batch_size) + rows_KbT.shape[2:])
 
     def on_mesh(self, fn):
         """``fn`` called with this mesh set (``jax.set_mesh``), so ``constrain`` sees it while tracing."""

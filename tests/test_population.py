@@ -53,7 +53,9 @@ def trained(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode, rtol", [("loop", 0), ("vmap", 2e-5)])
+# A single run takes up to 32 steps per call of its program (llm.training.make_run_steps), a looped
+# member one step per call: the same arithmetic compiled into two programs, equal to float32 rounding.
+@pytest.mark.parametrize("mode, rtol", [("loop", 2e-6), ("vmap", 2e-5)])
 def test_a_member_has_the_losses_of_the_same_run_trained_alone(trained, mode, rtol):
     member, alone = trained["root"] / mode / "m1", trained["root"] / "single"
     assert [r["step"] for r in _metrics(member)] == [r["step"] for r in _metrics(alone)]

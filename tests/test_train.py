@@ -143,7 +143,7 @@ def test_rerunning_a_finished_run_does_nothing(finished_run):
 
 @pytest.mark.parametrize(
     "stop, checkpoint_steps",
-    [(RuntimeError, [4, 8]), (KeyboardInterrupt, [8, 9])],  # Ctrl-C / SIGTERM also saves the steps done
+    [(RuntimeError, [4, 8]), (KeyboardInterrupt, [8, 10])],  # Ctrl-C / SIGTERM also saves the steps done
 )
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, monkeypatch, checkpoint_writes,
                                                           stop, checkpoint_steps):
@@ -163,7 +163,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
         real_batch = data.train_batch
 
         def batch(step, size, *rows):
-            if step == 9:  # die inside step 10, after the checkpoint at step 8
+            if step == 10:  # die building steps 11-12 (one call of the train program), after steps 9-10 ran
                 raise stop("simulated kill")
             return real_batch(step, size, *rows)
 
@@ -177,7 +177,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, cache_dir, 
     saved = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == checkpoint_steps
     logged = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == checkpoint_steps[-1]  # an interrupt writes the completed steps' line before saving
+    assert logged[-1] == 10  # steps 9-10 logged their line; an interrupt writes it before saving them
     monkeypatch.setattr(training, "load_dataset", real_load)
     resumed = training.train(cfg, tmp_path / "resumed")
 

@@ -46,6 +46,51 @@ def test_log_eval_and_checkpoint_decisions():
     assert eval_steps(12, 6) == {1, 2, 4, 6, 12}
 
 
+def test_each_call_of_the_train_program_ends_where_the_host_must_look():
+    from llm.training import step_calls
+
+    t = load_config(None, TINY + ["train.log_every=5", "train.eval_every=20", "train.checkpoint_every=12"]).train
+    calls = step_calls(0, 30, t, extra_stops=(17,), most=8)
+    # stops: log-spaced evals 1, 2, 4, 8, 16; logs 5, 10, 15, 20, 25, 30; checkpoints 12, 24; branch 17
+    assert calls == [(0, 1), (1, 1), (2, 2), (4, 1), (5, 3), (8, 2), (10, 2), (12, 3), (15, 1), (16, 1), (17, 3),
+                     (20, 4), (24, 1), (25, 5)]  # fmt: skip
+    assert step_calls(13, 30, t, most=8)[0] == (13, 2)  # a resumed run starts from its checkpoint
+    t_rare = load_config(None, TINY + ["train.log_every=1000", "train.eval_every=1000", "train.checkpoint_every=1000"]).train
+    assert [n for _, n in step_calls(16, 60, t_rare, most=8)] == [8, 8, 8, 8, 8, 4]  # at most `most`, the last one short
+
+
+def test_several_steps_per_call_are_the_steps_one_per_call():
+    import jax
+    import jax.numpy as jnp
+
+    from llm import sharding
+    from llm.optim import make_optimizer
+    from llm.training import init_state, make_run_step, make_run_steps
+
+    cfg = load_config(None, TINY + ["train.steps=6"])
+    graphdef, state, layout = init_state(cfg, make_optimizer(cfg.optim, 6), sharding.make_mesh(cfg))
+    tokens_KBT1 = np.random.default_rng(0).integers(0, 256, (4, 8, 33)).astype(np.int32)
+    step, _ = make_run_step(graphdef, cfg, 6, layout)
+    run_steps, _ = make_run_steps(graphdef, cfg, 6, layout, steps_per_call=4)
+    one = jax.tree.map(jnp.copy, state)
+    losses = []
+    for i in range(6):  # steps past the warmup, so the learning rates of the schedule's decay count too
+        one, metrics = step(one, layout.put(tokens_KBT1[i % 4], 8))
+        losses.append(float(metrics["train_loss"]))
+    calls, many = [], state
+    for first, n in [(0, 3), (3, 1), (4, 2)]:  # the rows past n are never read: garbage there changes nothing
+        stack = np.full((4, 8, 33), 7, np.int32)
+        stack[:n] = [tokens_KBT1[(first + i) % 4] for i in range(n)]
+        many, metrics_K = run_steps(many, layout.put_stacked(stack, 8), n)
+        calls += [float(x) for x in metrics_K["train_loss"][:n]]
+    np.testing.assert_allclose(calls, losses, rtol=1e-6)
+    assert int(many["step"]) == 6
+    for a, b in zip(jax.tree.leaves(many["params"]), jax.tree.leaves(one["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="n=5 steps, but one call runs 1 to 4"):
+        run_steps(many, layout.put_stacked(tokens_KBT1, 8), 5)
+
+
 def test_failure_names_the_non_finite_loss_and_step():
     from llm.training import failure
 
