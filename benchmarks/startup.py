@@ -82,8 +82,8 @@ def child(runs: list[list[str]], started: float) -> None:
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
         jax.block_until_ready(state)
         mark("init")
-        step, _ = training.make_run_step(graphdef, cfg, total_steps(cfg))
-        state, metrics = step(state, dataset.train_batch(0, t.batch_size))
+        run_steps, _ = training.make_run_steps(graphdef, cfg, total_steps(cfg))
+        state, metrics = run_steps(state, training.stacked_batch(dataset, (0, 1), t.batch_size), 1)
         jax.block_until_ready(metrics)
         mark("first step")
         training.evaluate(training.make_eval_step(graphdef), state["params"], eval_set, t.batch_size)
