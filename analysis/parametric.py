@@ -40,17 +40,20 @@ def _grid_box() -> tuple[np.ndarray, np.ndarray]:
     return g.min(axis=0), g.max(axis=0)
 
 
-def huber_objective(theta_SP, log_n, log_d, log_loss, weights_Sn, delta=HUBER_DELTA, block=128):
+def huber_objective(theta_SP, log_n, log_d, log_loss, weights_Sn, delta=HUBER_DELTA, block=None):
     """Summed (weighted) Huber loss of log-loss residuals and its gradient, for S parameter rows.
 
     theta_SP rows are (a, b, e, alpha, beta); log_n, log_d, log_loss are [1, n]; weights_Sn is a
-    scalar or [S, n]. Rows are processed in blocks so temporaries stay in cache (large [S, n]
-    temporaries cost more in page faults than in arithmetic). Returns (f_S, grad_SP).
+    scalar or [S, n]. Rows are processed in blocks (default: about 8,192 residuals each) so
+    temporaries stay in cache (large [S, n] temporaries cost more in page faults than in
+    arithmetic) while few points still make few blocks. Each row's result is independent of
+    the other rows and of the blocking. Returns (f_S, grad_SP).
     """
     n_rows = theta_SP.shape[0]
+    block = max(128, 8192 // log_n.size) if block is None else block
     f = np.empty(n_rows)
     grad = np.empty((n_rows, 5))
-    ln_col, ld_col = log_n.reshape(-1, 1), log_d.reshape(-1, 1)
+    ln_row, ld_row = log_n.ravel(), log_d.ravel()
     scalar_w = np.isscalar(weights_Sn)
     for lo in range(0, n_rows, block):
         hi = min(lo + block, n_rows)
@@ -76,8 +79,10 @@ def huber_objective(theta_SP, log_n, log_d, log_loss, weights_Sn, delta=HUBER_DE
             grad[lo:hi, 0] = g1.sum(1)
             grad[lo:hi, 1] = g2.sum(1)
             grad[lo:hi, 2] = p3[:, 0] * psi.sum(1)
-            grad[lo:hi, 3:4] = -(g1 @ ln_col)
-            grad[lo:hi, 4:5] = -(g2 @ ld_col)
+            # einsum, not a matrix product: BLAS may sum a row in another order depending on the rows
+            # beside it, and then a problem's iterates would depend on which others share its batch
+            grad[lo:hi, 3] = -np.einsum("sn,n->s", g1, ln_row)
+            grad[lo:hi, 4] = -np.einsum("sn,n->s", g2, ld_row)
     f = np.where(np.isfinite(f) & np.all(np.isfinite(grad), axis=1), f, np.inf)
     return f, grad
 

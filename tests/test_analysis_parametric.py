@@ -55,6 +55,25 @@ def test_batched_lbfgs_solves_rosenbrock_and_quadratics():
     assert res.converged_S.all()
 
 
+def test_each_problem_of_a_batch_follows_its_own_path(synthetic_points):
+    # One call evaluates a trial point of every unfinished problem, whatever step of its line search
+    # each is at; a problem's result must be bit for bit the one it reaches alone, so that a fit or a
+    # bootstrap resample does not depend on which other starts or resamples share its batch.
+    log_n, log_d, log_l = (np.log(a)[None, :] for a in synthetic_points)
+    rng = np.random.default_rng(3)
+    starts = parametric.init_grid()[rng.choice(4500, 12, replace=False)]
+    w = rng.integers(0, 3, (12, log_n.shape[1])).astype(float)  # bootstrap multiplicities
+
+    batch = minimize_batch(lambda x, rows: parametric.huber_objective(x, log_n, log_d, log_l, w[rows]), starts)
+    assert len(set(batch.n_iter_S.tolist())) > 3  # problems finish at different iterations
+    for i in range(len(starts)):
+        alone = minimize_batch(lambda x, rows: parametric.huber_objective(x, log_n, log_d, log_l, w[i : i + 1]),
+                               starts[i : i + 1])  # fmt: skip
+        assert np.array_equal(alone.x_SP[0], batch.x_SP[i]), i
+        assert (alone.f_S[0], alone.n_iter_S[0], alone.converged_S[0]) == (batch.f_S[i], batch.n_iter_S[i],
+                                                                           batch.converged_S[i])  # fmt: skip
+
+
 def test_recovers_true_parameters_exactly_without_noise():
     runs, _ = isoflop_sweep(noise=0.0, seed=0)
     fit = parametric.fit_parametric(runs["n_params_total"], runs["tokens"], runs["final_eval_loss"],
