@@ -6,6 +6,7 @@ from pathlib import Path
 
 from analysis import beyond, figures
 from analysis.bootstrap import DEFAULT_PERCENTILES
+from analysis.helper import helper_process
 from analysis.isoflop import DEFAULT_METHOD
 from analysis.load import AnalysisError, load_runs, read_json
 from analysis.pipeline import DEFAULT_LAWS, fit_points
@@ -27,7 +28,7 @@ def fit_path(
     path, out_dir=None, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
     interpolate="auto", flops="auto", n_params="n_params_total", loss="final_eval_loss", exclude=(), n_bootstrap=1000,
     seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None, extrapolation=True, figures_=True, progress=True,
-    include_stale=False, approach2=DEFAULT_METHOD,
+    include_stale=False, approach2=DEFAULT_METHOD, parallel=True,
 ) -> dict:  # fmt: skip
     """Fit Chinchilla approaches and Kaplan laws to a sweep/run directory or a CSV/Parquet table.
 
@@ -49,6 +50,8 @@ def fit_path(
     holdout_flops: compute threshold of the extrapolation check (default: largest budget held out).
     include_stale: in a sweep directory, also fit run folders its index.json does not list (by
     default they are left out with a warning: they belong to an earlier version of the spec).
+    parallel: fit the laws and draw half the figures in a second process (analysis.helper) when
+    there are two cores; the results are the same either way.
     """
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(path)
     problem = not_a_folder(out_dir)
@@ -56,17 +59,19 @@ def fit_path(
         raise AnalysisError(f"cannot write the fits to {out_dir}: {problem}")
     runs, curves = load_runs(path, include_stale=include_stale)
     pts = prepare(runs, curves, flops=flops, n_params=n_params, loss=loss, exclude=exclude)
-    fits = fit_points(
-        pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
-        interpolate=interpolate, n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles,
-        holdout_flops=holdout_flops, extrapolation=extrapolation, progress=progress, approach2=approach2,
-    )  # fmt: skip
-    fits["source"] = str(path)
-    fits["exclude"] = sorted(map(str, exclude))
-    fits["flops_requested"] = flops
-    fits["include_stale"] = bool(include_stale)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figs = figures.draw_all(pts, fits, out_dir) if figures_ else []
+    with helper_process(parallel and (figures_ or bool(laws))) as helper:
+        fits = fit_points(
+            pts, approaches=approaches, laws=tuple(laws or ()), budgets=budgets, isoflop_budgets=isoflop_budgets,
+            interpolate=interpolate, n_bootstrap=n_bootstrap, seed=seed, percentiles=percentiles,
+            holdout_flops=holdout_flops, extrapolation=extrapolation, progress=progress, approach2=approach2,
+            helper=helper,
+        )  # fmt: skip
+        fits["source"] = str(path)
+        fits["exclude"] = sorted(map(str, exclude))
+        fits["flops_requested"] = flops
+        fits["include_stale"] = bool(include_stale)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        figs = figures.draw_all(pts, fits, out_dir, helper) if figures_ else []
     fits["outputs"] = write_outputs(out_dir, fits, figs) | {"figures": figs} | beyond.write_files(fits, out_dir)
     return fits
 
@@ -84,4 +89,5 @@ def plot_path(path, out_dir=None) -> list[str]:
     runs, curves = load_runs(path, include_stale=fits.get("include_stale", False))
     pts = prepare(runs, curves, flops=fits.get("flops_requested", fits["flops_convention"]),
                   n_params=fits["n_params_column"], loss=fits["loss_column"], exclude=fits.get("exclude", ()))  # fmt: skip
-    return figures.draw_all(pts, fits, out_dir)
+    with helper_process() as helper:
+        return figures.draw_all(pts, fits, out_dir, helper)

@@ -242,6 +242,16 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
     return out
 
 
+def fit_laws_quietly(pts: Points, laws, counts_BR, percentiles=DEFAULT_PERCENTILES):
+    """fit_laws in another process: returns (laws, laws_unsupported, warning messages) for the
+    caller to report, since warnings raised there would not reach the caller's handlers."""
+    messages, unsupported = [], {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnalysisWarning)
+        out = fit_laws(pts, laws, counts_BR, messages, percentiles, unsupported=unsupported)
+    return out, unsupported, messages
+
+
 def extrapolation_check(pts: Points, holdout_flops=None):
     """Fit Approach 3 on runs below a compute threshold; report loss errors on the held-out runs."""
     p = pts.points
@@ -279,8 +289,12 @@ def default_budgets(flops) -> np.ndarray:
 
 def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, budgets=None, isoflop_budgets=None,
                interpolate="auto", n_bootstrap=1000, seed=0, percentiles=DEFAULT_PERCENTILES, holdout_flops=None,
-               extrapolation=True, progress=True, approach2=isoflop.DEFAULT_METHOD) -> dict:  # fmt: skip
-    """All requested fits on prepared points; returns the fits dict written to fits.json."""
+               extrapolation=True, progress=True, approach2=isoflop.DEFAULT_METHOD, helper=None) -> dict:  # fmt: skip
+    """All requested fits on prepared points; returns the fits dict written to fits.json.
+
+    helper: an Executor (analysis.helper.start_helper) that fits the laws while this process fits
+    the approaches; the results are the same as without one.
+    """
     messages = list(pts.messages)
     approaches = tuple(str(a) for a in approaches)
     bad = [a for a in approaches if a not in ("1", "2", "3")]
@@ -313,6 +327,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
         "runs": pts.points["run"].tolist(), "budgets": budgets.tolist(), "n_bootstrap": int(n_bootstrap),
         "seed": int(seed), "percentiles": list(percentiles), "approaches": {}, "laws": {},
     }  # fmt: skip
+    laws_elsewhere = helper.submit(fit_laws_quietly, pts, laws, counts_BR, percentiles) if helper and laws else None
     with tqdm(total=len(stages), desc="fitting", disable=not progress) as bar:
         for a in approaches:
             bar.set_postfix_str(f"approach {a}")
@@ -332,8 +347,13 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
             bar.update()
         if laws:
             bar.set_postfix_str("laws")
-            out["laws_unsupported"] = {}
-            out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress, out["laws_unsupported"])
+            if laws_elsewhere is None:
+                out["laws_unsupported"] = {}
+                out["laws"] = fit_laws(pts, laws, counts_BR, messages, percentiles, progress, out["laws_unsupported"])
+            else:  # its warnings now, in the order a fit in this process would give them
+                out["laws"], out["laws_unsupported"], law_messages = laws_elsewhere.result()
+                for msg in law_messages:
+                    _warn(messages, msg)
             bar.update()
         if beyond_laws:
             out["beyond"] = beyond.fit_all(pts.points, beyond_laws, counts_BR, percentiles)

@@ -1,6 +1,6 @@
 """Wall and CPU seconds of a sweep's fit step (what ``chinchax sweep run`` does after its last run), by phase.
 
-    python benchmarks/fit_time.py SWEEP_DIR [--repeats 3]
+    python benchmarks/fit_time.py SWEEP_DIR [--repeats 3] [--serial]
 
 SWEEP_DIR is a finished sweep directory, e.g. the quickstart's (``sweeps_out/quickstart`` after
 ``chinchax sweep run experiments/quickstart.yaml``). It is never written to: each repeat copies it
@@ -9,12 +9,15 @@ spec the sweep was launched with (its ``sweep.yaml``), as the end of ``sweep run
 are timed by wrapping the functions the fit calls; "other" is the rest of the fit (writing
 fits.json, the fit's own bookkeeping). CPU seconds count this process only per phase, and every
 process (helpers included) in the total. The table gives medians over ``--repeats``; wall
-seconds on shared cores are noisy, CPU seconds less so.
+seconds on shared cores are noisy, CPU seconds less so. ``--serial``: no helper process
+(``analysis.helper``), everything in one process as on one core. With the helper, its share (the
+laws, half the figures) is not in the per-phase rows, only in "waiting for the helper" and the total.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -39,13 +42,14 @@ PHASES = (
     ("analysis.pipeline", "approach3", "approach 3: full-grid fit"),
     ("analysis.pipeline", "fit_laws", "Kaplan laws (+ bootstrap)"),
     ("analysis.pipeline", "extrapolation_check", "extrapolation check"),
+    ("concurrent.futures", "Future.result", "waiting for the helper"),
     ("analysis.api", "draw_figures", "figures"),
     ("analysis.figures", "draw_all", "figures"),
     ("analysis.api", "write_outputs", "report, table"),
 )
 
 
-def _child(sweep_dir: Path) -> None:
+def _child(sweep_dir: Path, serial: bool) -> None:
     """Run the fit step once in this process and print the phase times as JSON."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     sys.path.insert(0, str(ROOT))
@@ -75,10 +79,17 @@ def _child(sweep_dir: Path) -> None:
 
         return wrapper
 
+    if serial:
+        import analysis.api
+
+        analysis.api.helper_process = lambda wanted=True: contextlib.nullcontext()
     for mod_name, attr, phase in PHASES:
-        mod = importlib.import_module(mod_name)
-        if hasattr(mod, attr):
-            setattr(mod, attr, timed(getattr(mod, attr), phase))
+        owner = importlib.import_module(mod_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if hasattr(owner, name):
+            setattr(owner, name, timed(getattr(owner, name), phase))
     spec = load_spec(sweep_dir / "sweep.yaml")
     rows = sweep_status(spec, sweep_dir)
     w, c = time.perf_counter(), time.process_time()
@@ -91,13 +102,13 @@ def _child(sweep_dir: Path) -> None:
     print(json.dumps(times))
 
 
-def _one(sweep_dir: Path) -> dict[str, list[float]]:
+def _one(sweep_dir: Path, serial: bool) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / sweep_dir.name
         shutil.copytree(sweep_dir, work, ignore=shutil.ignore_patterns("checkpoints"))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         w = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(work)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, __file__, "--child", str(work)] + ["--serial"] * serial, capture_output=True, text=True,
                               env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
         wall = time.perf_counter() - w
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -113,17 +124,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path, help="a finished sweep directory (holds sweep.yaml and its runs)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--serial", action="store_true", help="no helper process: the whole fit step in one process")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return _child(args.sweep_dir)
+        return _child(args.sweep_dir, args.serial)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if not (args.sweep_dir / "sweep.yaml").is_file():
         ap.error(f"{args.sweep_dir}: no sweep.yaml (not a sweep directory)")
-    runs = [_one(args.sweep_dir) for _ in range(args.repeats)]
+    runs = [_one(args.sweep_dir, args.serial) for _ in range(args.repeats)]
     phases = list(dict.fromkeys(k for r in runs for k in r))
-    print(f"fit step of {args.sweep_dir}, median of {args.repeats} fresh processes (os.cpu_count() = {os.cpu_count()})")
+    mode = "one process (--serial)" if args.serial else "with the helper process"
+    print(f"fit step of {args.sweep_dir}, {mode}, median of {args.repeats} fresh processes (os.cpu_count() = {os.cpu_count()})")
     print()
     print("| phase | wall s | CPU s (this process) |")
     print("| --- | --- | --- |")

@@ -1,6 +1,8 @@
 """fit_path / plot_path end to end on a synthetic sweep directory and on a published-style table."""
 
 import json
+import subprocess
+import sys
 import warnings
 
 import pandas as pd
@@ -58,6 +60,40 @@ def test_fit_path_writes_everything(fitted_sweep):
     assert fpt["k"] == pytest.approx(6.3) and fpt["c"] == pytest.approx(1.0) and fpt["max_rel_error"] < 1e-6
     t3 = table[table["approach"] == 3]
     assert (6.3 * t3["N_opt"] * t3["D_opt"] / t3["flops"]).round(6).eq(1).all()
+
+
+def test_laws_fitted_in_the_helper_process_equal_a_fit_in_one_process(fitted_sweep, tmp_path):
+    sweep = fitted_sweep[0]
+
+    def fit(parallel):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AnalysisWarning)
+            fits = analysis.fit_path(sweep, tmp_path / str(parallel), approaches=(), n_bootstrap=12, extrapolation=False,
+                                     figures_=False, progress=False, parallel=parallel)  # fmt: skip
+        return fits, [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
+
+    (serial, serial_warned), (helped, helped_warned) = fit(False), fit(True)
+    assert helped["laws"] == serial["laws"] and helped["laws_unsupported"] == serial["laws_unsupported"]
+    # the helper's warnings reach the caller, in order, and fits.json
+    assert helped_warned == serial_warned and helped["warnings"] == serial["warnings"]
+    assert any("kaplan_N not fitted" in w for w in helped_warned)
+
+
+def test_helper_process_works_from_a_script_without_a_main_guard(tmp_path):
+    # multiprocessing's "spawn" would re-run this script in the child and fail; errors keep their type
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "from analysis.helper import Helper\n"
+        "h = Helper()\n"
+        "print(h.submit(sum, [1, 2, 3]).result())\n"
+        "try:\n"
+        "    h.submit(int, 'x').result()\n"
+        "except ValueError as err:\n"
+        "    print('ValueError', any('helper process' in n for n in err.__notes__))\n"
+        "h.close()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["6", "ValueError", "True"], done.stderr
 
 
 def test_plot_path_redraws_figures_only(fitted_sweep):
