@@ -40,26 +40,26 @@ class BatchResult:
     n_iter_S: np.ndarray
 
 
-def _two_loop(g_SP, s_SKP, y_SKP, rho_SK, n_hist_S):
+def _two_loop(g_SP, s_KSP, y_KSP, rho_KS, n_hist_S):
     """L-BFGS two-loop recursion, vectorised over problems; returns the search direction.
 
     The history arrives newest first (k = 0 is the latest pair); pairs with k >= n_hist_S are unused.
     """
-    m = s_SKP.shape[1]
+    m = s_KSP.shape[0]
     q_SP = g_SP.copy()
-    alpha_SK = np.zeros(rho_SK.shape)
-    use_SK = np.arange(m)[None, :] < n_hist_S[:, None]
+    alpha_KS = np.zeros(rho_KS.shape)
+    use_KS = np.arange(m)[:, None] < n_hist_S[None, :]
     for k in range(m):  # newest to oldest
-        a_S = np.where(use_SK[:, k], rho_SK[:, k] * np.einsum("sp,sp->s", s_SKP[:, k], q_SP), 0.0)
-        alpha_SK[:, k] = a_S
-        q_SP -= a_S[:, None] * y_SKP[:, k]
-    s_new, y_new = s_SKP[:, 0], y_SKP[:, 0]
+        a_S = np.where(use_KS[k], rho_KS[k] * np.einsum("sp,sp->s", s_KSP[k], q_SP), 0.0)
+        alpha_KS[k] = a_S
+        q_SP -= a_S[:, None] * y_KSP[k]
+    s_new, y_new = s_KSP[0], y_KSP[0]
     yy_S = np.einsum("sp,sp->s", y_new, y_new)
     gamma_S = np.where(n_hist_S > 0, np.einsum("sp,sp->s", s_new, y_new) / np.maximum(yy_S, 1e-300), 1.0)
     r_SP = gamma_S[:, None] * q_SP
     for k in reversed(range(m)):  # oldest to newest
-        b_S = rho_SK[:, k] * np.einsum("sp,sp->s", y_SKP[:, k], r_SP)
-        r_SP += np.where(use_SK[:, k], alpha_SK[:, k] - b_S, 0.0)[:, None] * s_SKP[:, k]
+        b_S = rho_KS[k] * np.einsum("sp,sp->s", y_KSP[k], r_SP)
+        r_SP += np.where(use_KS[k], alpha_KS[k] - b_S, 0.0)[:, None] * s_KSP[k]
     return -r_SP
 
 
@@ -91,8 +91,8 @@ def minimize_batch(
     n_prob, n_par = x_SP.shape
     f_S, g_SP = value_and_grad(x_SP, np.arange(n_prob))
     st = _State(
-        s_SMP=np.zeros((n_prob, history, n_par)), y_SMP=np.zeros((n_prob, history, n_par)),
-        rho_SM=np.zeros((n_prob, history)), n_hist_S=np.zeros(n_prob, int), head_S=np.zeros(n_prob, int),
+        s_MSP=np.zeros((history, n_prob, n_par)), y_MSP=np.zeros((history, n_prob, n_par)),
+        rho_MS=np.zeros((history, n_prob)), n_hist_S=np.zeros(n_prob, int),
         d_SP=np.zeros((n_prob, n_par)), slope_S=np.zeros(n_prob), t_S=np.zeros(n_prob), lo_S=np.zeros(n_prob),
         hi_S=np.zeros(n_prob), n_ls_S=np.zeros(n_prob, int), searching_S=np.zeros(n_prob, bool),
         f_new_S=f_S.copy(), g_new_SP=g_SP.copy(),
@@ -160,13 +160,13 @@ def minimize_batch(
 
 @dataclasses.dataclass
 class _State:
-    """Per-problem curvature history (ring buffers, newest at head - 1) and line search in progress."""
+    """Per-problem curvature history (newest first along M; k-major so that the recursion reads
+    contiguous [S, P] slabs) and line search in progress."""
 
-    s_SMP: np.ndarray
-    y_SMP: np.ndarray
-    rho_SM: np.ndarray
+    s_MSP: np.ndarray
+    y_MSP: np.ndarray
+    rho_MS: np.ndarray
     n_hist_S: np.ndarray
-    head_S: np.ndarray
     d_SP: np.ndarray  # search direction
     slope_S: np.ndarray  # d . g at the iterate
     t_S: np.ndarray  # next trial step length
@@ -180,11 +180,7 @@ class _State:
 
 def _start_line_search(st: _State, rows: np.ndarray, g_RP: np.ndarray) -> None:
     """New L-BFGS direction and first step length for problems ``rows`` (gradients ``g_RP``)."""
-    m = st.rho_SM.shape[1]
-    # each problem's history newest first: one gather here instead of one per pair in the recursion
-    age_RK = (st.head_S[rows, None] - 1 - np.arange(m)[None, :]) % m
-    rows_K = rows[:, None]
-    d = _two_loop(g_RP, st.s_SMP[rows_K, age_RK], st.y_SMP[rows_K, age_RK], st.rho_SM[rows_K, age_RK], st.n_hist_S[rows])
+    d = _two_loop(g_RP, st.s_MSP[:, rows], st.y_MSP[:, rows], st.rho_MS[:, rows], st.n_hist_S[rows])
     slope = np.einsum("sp,sp->s", d, g_RP)
     bad = ~(slope < 0)  # not a descent direction: restart from steepest descent
     if bad.any():
@@ -204,7 +200,7 @@ def _update_history(st: _State, rows: np.ndarray, moved: np.ndarray, step: np.nd
     upd = moved & (sy > 1e-12 * np.linalg.norm(step, axis=1) * np.linalg.norm(y, axis=1) + 1e-300)
     if upd.any():
         r = rows[upd]
-        h = st.head_S[r]
-        st.s_SMP[r, h], st.y_SMP[r, h], st.rho_SM[r, h] = step[upd], y[upd], 1.0 / sy[upd]
-        st.head_S[r] = (h + 1) % st.rho_SM.shape[1]
-        st.n_hist_S[r] = np.minimum(st.n_hist_S[r] + 1, st.rho_SM.shape[1])
+        for hist, new in ((st.s_MSP, step[upd]), (st.y_MSP, y[upd]), (st.rho_MS, 1.0 / sy[upd])):
+            hist[1:, r] = hist[:-1, r]  # age every pair by one; the oldest drops out
+            hist[0, r] = new
+        st.n_hist_S[r] = np.minimum(st.n_hist_S[r] + 1, st.rho_MS.shape[0])
