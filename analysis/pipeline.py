@@ -292,7 +292,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
                extrapolation=True, progress=True, approach2=isoflop.DEFAULT_METHOD, helper=None) -> dict:  # fmt: skip
     """All requested fits on prepared points; returns the fits dict written to fits.json.
 
-    helper: an Executor (analysis.helper.start_helper) that fits the laws while this process fits
+    helper: an analysis.helper.Helper (helper_process) that fits the laws while this process fits
     the approaches; the results are the same as without one.
     """
     messages = list(pts.messages)

@@ -11,7 +11,9 @@ fits.json, the fit's own bookkeeping). CPU seconds count this process only per p
 process (helpers included) in the total. The table gives medians over ``--repeats``; wall
 seconds on shared cores are noisy, CPU seconds less so. ``--serial``: no helper process
 (``analysis.helper``), everything in one process as on one core. With the helper, its share (the
-laws, half the figures) is not in the per-phase rows, only in "waiting for the helper" and the total.
+laws, half the figures) is not in the per-phase rows but in "waiting for the helper", its own CPU
+row and the total; on two free cores the wall is about the larger of this process's CPU and the
+helper's.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def _child(sweep_dir: Path, serial: bool) -> None:
         raise SystemExit(f"fit step: {status}")
     times["other"] = [fit_w - sum(t[0] for k, t in times.items() if k != "imports"),
                       fit_c - sum(t[1] for k, t in times.items() if k != "imports")]  # fmt: skip
+    times["this process, all its work (CPU only)"] = [0.0, time.process_time() - cpu0]
+    helper = resource.getrusage(resource.RUSAGE_CHILDREN)  # the helper process, reaped when the fit closed it
+    times["helper process, all its work (CPU only)"] = [0.0, helper.ru_utime + helper.ru_stime]
     print(json.dumps(times))
 
 
