@@ -161,38 +161,76 @@ def _min_by_key(key, x, loss):
     return x[first], best
 
 
-def _law_data(name: str, pts: Points, rows=None, frontier_fn=None, selected=None):
-    """Inputs and losses a law is fitted to (rows: run indices of a bootstrap resample, with repeats;
-    selected: kaplan.selection of the law)."""
+def _law_data(name: str, pts: Points, frontier_fn=None, selected=None):
+    """rows -> (inputs, losses) a law is fitted to (rows: run indices of a bootstrap resample, with
+    repeats; None: every run once); selected: kaplan.selection of the law. What does not depend on
+    the resample is computed here, once per law."""
     p = pts.points
-    rows = np.arange(len(p)) if rows is None else np.asarray(rows)
-    n_k, d, loss = (p[c].to_numpy(float)[rows] for c in ("n_params_kaplan", "tokens", "loss"))
+    n_runs = len(p)
+    n_k, d, loss = (p[c].to_numpy(float) for c in ("n_params_kaplan", "tokens", "loss"))
+
+    def resample(rows):
+        return np.arange(n_runs) if rows is None else np.asarray(rows)
+
     if selected is not None:  # kaplan_N, kaplan_D: the frontier runs not limited by the other variable
-        keep = selected["use"][rows]
-        if selected["variable"] == "N":
-            x, y = _min_by_key(n_k[keep], n_k[keep], loss[keep])
-            return {"N": x}, y
-        x, y = _min_by_key(np.round(np.log10(d[keep]), 3), d[keep], loss[keep])
-        return {"D": x}, y
+        use = selected["use"]
+
+        def data(rows=None):
+            rows = resample(rows)
+            keep = use[rows]
+            if selected["variable"] == "N":
+                x, y = _min_by_key(n_k[rows][keep], n_k[rows][keep], loss[rows][keep])
+                return {"N": x}, y
+            dk = d[rows][keep]
+            x, y = _min_by_key(np.round(np.log10(dk), 3), dk, loss[rows][keep])
+            return {"D": x}, y
+
+        return data
     if name.startswith(("kaplan_C", "saturating_C")):
-        include = np.zeros(len(p), bool)
-        include[rows] = True
-        env = frontier_fn(None if include.all() else include)
-        return {"C": env["flops"].to_numpy(float)}, env["loss"].to_numpy(float)
+
+        def data(rows=None):
+            include = np.zeros(n_runs, bool)
+            include[resample(rows)] = True
+            env = frontier_fn(None if include.all() else include)
+            return {"C": env["flops"].to_numpy(float)}, env["loss"].to_numpy(float)
+
+        return data
     if name.startswith(("kaplan_ND", "chinchilla")):
-        n = n_k if name.startswith("kaplan") else p["n_params"].to_numpy(float)[rows]
-        return {"N": n, "D": d}, loss
+        n = n_k if name.startswith("kaplan") else p["n_params"].to_numpy(float)
+
+        def data(rows=None):
+            rows = resample(rows)
+            return {"N": n[rows], "D": d[rows]}, loss[rows]
+
+        return data
     if name.startswith("kaplan_NS"):
         c = pts.curves[pts.curves["step"] > 0]
         if c.empty:
             raise AnalysisError("kaplan_NS needs training curves with steps (none in the data)")
         run_idx = c["run"].map({r: i for i, r in enumerate(p["run"])}).to_numpy()
         order = np.argsort(run_idx, kind="stable")
-        starts = np.searchsorted(run_idx[order], np.arange(len(p) + 1))
-        sel = np.concatenate([order[starts[r] : starts[r + 1]] for r in rows])  # curve rows of each resampled run
-        n_runs = p["n_params_kaplan"].to_numpy(float)[run_idx[sel]]
-        return {"N": n_runs, "S": c["step"].to_numpy(float)[sel]}, c["loss"].to_numpy(float)[sel]
+        starts = np.searchsorted(run_idx[order], np.arange(n_runs + 1))
+        n_of_row, step, curve_loss = n_k[run_idx], c["step"].to_numpy(float), c["loss"].to_numpy(float)
+
+        def data(rows=None):
+            sel = np.concatenate([order[starts[r] : starts[r + 1]] for r in resample(rows)])  # curve rows of each resampled run
+            return {"N": n_of_row[sel], "S": step[sel]}, curve_loss[sel]
+
+        return data
     raise AnalysisError(f"unknown law {name!r}; choose from {sorted(LAWS)} (append '+E' for an irreducible term)")
+
+
+def _cached_frontier(frontier_fn):
+    """frontier_fn remembering each include mask's envelope: L(C) laws share their resamples' frontiers."""
+    cache = {}
+
+    def env_of(include=None):
+        key = None if include is None else include.tobytes()
+        if key not in cache:
+            cache[key] = frontier_fn(include)
+        return cache[key]
+
+    return env_of
 
 
 def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENTILES, progress=False, unsupported=None):
@@ -201,7 +239,7 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
     goes into ``unsupported`` (name -> reason and candidate points) instead."""
     unsupported = {} if unsupported is None else unsupported
     try:
-        frontier_fn, _ = frontier_function(pts)
+        frontier_fn = _cached_frontier(frontier_function(pts)[0])
     except AnalysisError as err:
         frontier_error = err
 
@@ -219,7 +257,8 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
                                  "data": {sel["variable"]: sel["evidence"]["value"], "loss": sel["evidence"]["loss"]}}  # fmt: skip
             continue
         try:
-            x, y = _law_data(name, pts, frontier_fn=frontier_fn, selected=sel)
+            data = _law_data(name, pts, frontier_fn=frontier_fn, selected=sel)
+            x, y = data()
             fitted = fit_law(law, y, **x)
         except AnalysisError as err:
             _warn(messages, f"law {name} skipped: {err}")
@@ -230,7 +269,7 @@ def fit_laws(pts: Points, laws, counts_BR, messages, percentiles=DEFAULT_PERCENT
         samples = {k: [] for k in law.param_names}
         for counts in tqdm(counts_BR, desc=f"bootstrap {name}", disable=not progress, leave=False):
             try:
-                xb, yb = _law_data(name, pts, np.repeat(np.arange(len(pts.points)), counts), frontier_fn, sel)
+                xb, yb = data(np.repeat(np.arange(len(pts.points)), counts))
                 pb = fit_law(law, yb, theta0=fitted.theta, **xb).params
             except (AnalysisError, ValueError):
                 pb = {k: np.nan for k in law.param_names}
