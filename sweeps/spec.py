@@ -484,6 +484,7 @@ _FIT_OPTION_CHECKS = {
     "figures_": _fit_bool,
     "progress": _fit_bool,
     "include_stale": _fit_bool,
+    "parallel": _fit_bool,
 }
 
 
