@@ -299,9 +299,9 @@ def plot_residuals(pts: Points, fits: dict, out_dir: Path) -> list[str]:
 
 
 FIGURES = (plot_curves, plot_isoflop, plot_optimal, plot_isoloss, plot_kaplan, plot_residuals)
-# Drawn by the helper process when there is one: about 45% of the quickstart's drawing time, since the
-# helper also fits the laws while this process fits Approach 3 and the extrapolation check.
-HELPER_FIGURES = ("plot_isoflop", "plot_optimal")
+# Drawn by the helper process when there is one: about half the quickstart's drawing time (the helper
+# has fitted the laws meanwhile, about what this process spends on Approach 3 and the extrapolation check).
+HELPER_FIGURES = ("plot_isoflop", "plot_optimal", "plot_isoloss")
 
 
 def draw(names, pts: Points, fits: dict, out_dir) -> dict[str, list[str]]:
