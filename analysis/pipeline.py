@@ -384,6 +384,10 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
                     raise
                 _warn(messages, f"approach {a} failed: {err}")
             bar.update()
+        held_out = None
+        if extrapolation and laws_elsewhere is not None:  # now, while the helper is still fitting the laws
+            bar.set_postfix_str("extrapolation")
+            held_out = extrapolation_check(pts, holdout_flops)
         if laws:
             bar.set_postfix_str("laws")
             if laws_elsewhere is None:
@@ -398,7 +402,7 @@ def fit_points(pts: Points, *, approaches=("1", "2", "3"), laws=DEFAULT_LAWS, bu
             out["beyond"] = beyond.fit_all(pts.points, beyond_laws, counts_BR, percentiles)
         if extrapolation:
             bar.set_postfix_str("extrapolation")
-            out["extrapolation"] = extrapolation_check(pts, holdout_flops)
+            out["extrapolation"] = extrapolation_check(pts, holdout_flops) if held_out is None else held_out
             bar.update()
     out["warnings"] = messages
     if not out["approaches"] and not out["laws"] and not out.get("beyond"):
