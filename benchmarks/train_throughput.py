@@ -1,7 +1,8 @@
 """Throughput of chinchax's own train step over a ladder of model sizes, beside a PyTorch reference.
 
-The step is ``llm.training.make_train_step`` (what ``chinchax train`` runs: jit with the
-state donated, optax AdamW with clipping) on random tokens. Each row prints tokens/s
+The step is ``llm.training.make_train_step`` (the step ``chinchax train`` runs, jit with the
+state donated, optax AdamW with clipping; train runs up to 32 of them per call of one program,
+``make_run_steps``, which saves the host's per-call cost, here one per call) on random tokens. Each row prints tokens/s
 (median over the timed steps), MFU, compile seconds and memory:
 
   MFU         tokens/s x (6 N + 12 L d T) / peak, the reference's formula: N counts every

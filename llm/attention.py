@@ -1,9 +1,10 @@
 """Causal multi-head attention with rotary positions and optional grouped-query heads.
 
-The kernel is ``jax.nn.dot_product_attention``. Its ``implementation=None`` means XLA
-(jax 0.10: "automatic selection ... defaults to XLA for now"), so on an NVIDIA GPU with
-bfloat16/float16 inputs and a head dim the flash kernel supports we ask for "cudnn"
-explicitly, and fall back to XLA if cuDNN rejects the call while tracing.
+On an NVIDIA GPU with bfloat16/float16 inputs and a head dim the flash kernel supports, the
+kernel is ``jax.nn.dot_product_attention(implementation="cudnn")`` (asked for explicitly: its
+``None`` means XLA in jax 0.10). Everywhere else, and if cuDNN rejects the call while tracing,
+it is two einsums with the softmax between (``_causal_attention_einsum``), the computation of
+that function's XLA path, which runs slower on CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def attention_implementation(dtype, head_dim: int) -> str:
 
 
 def causal_attention(q_BTNH, k_BTKH, v_BTKH):
-    """Causal softmax attention, cuDNN flash on NVIDIA GPUs and XLA elsewhere."""
+    """Causal softmax attention, cuDNN flash on NVIDIA GPUs and two einsums elsewhere."""
     impl = attention_implementation(q_BTNH.dtype, q_BTNH.shape[-1])
     if impl == "cudnn":
         try:
