@@ -126,7 +126,7 @@ def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout
     stack of K batches in one call of one compiled program, K = ``steps_per_call``.
 
     The steps are ``make_run_step``'s (the same losses to float32 rounding, tested; XLA compiles
-    the loop's body on its own; the quickstart's 12 final eval losses came out identical), but the host
+    the loop's body on its own; the quickstart's 12 final eval losses came out identical to one step per call), but the host
     dispatches once per n steps: on CPU a tiny model's step takes 2-6 ms and each call of a jitted
     step (flattening the state's leaves, launching the program) cost about 1 ms of host time on
     the same core. ``n`` is an argument, so one program serves every n (the loop stops at each
