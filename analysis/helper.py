@@ -112,8 +112,9 @@ def _warm_up() -> None:
 @contextlib.contextmanager
 def helper_process(wanted: bool = True) -> Iterator[Helper | None]:
     """A helper process, already importing the analysis, closed on exit (at once if the block
-    raised); None if not ``wanted``, on one core, or where pipes cannot be passed to a child."""
-    if not wanted or usable_cores() < 2 or os.name != "posix":
+    raised); None if not ``wanted``, on one core, where pipes cannot be passed to a child, or
+    with $CHINCHAX_FIT_HELPER=0 (when other processes fill the cores already, e.g. a test session)."""
+    if not wanted or usable_cores() < 2 or os.name != "posix" or os.environ.get("CHINCHAX_FIT_HELPER") == "0":
         yield None
         return
     helper = Helper()

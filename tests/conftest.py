@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+# The fit's helper process (analysis.helper) costs about 2 CPU s of imports per fit; xdist fills
+# the cores already, so the session fits in one process (the same numbers: the helper's own tests
+# in test_analysis_end_to_end.py turn it back on and compare).
+os.environ.setdefault("CHINCHAX_FIT_HELPER", "0")
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None and not hasattr(config, "workerinput"):  # the controller made it
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -62,8 +62,20 @@ def test_fit_path_writes_everything(fitted_sweep):
     assert (6.3 * t3["N_opt"] * t3["D_opt"] / t3["flops"]).round(6).eq(1).all()
 
 
-def test_laws_fitted_in_the_helper_process_equal_a_fit_in_one_process(fitted_sweep, tmp_path):
+def test_laws_fitted_in_the_helper_process_equal_a_fit_in_one_process(fitted_sweep, tmp_path, monkeypatch):
+    from analysis import helper
+
     sweep = fitted_sweep[0]
+    with helper.helper_process() as off:  # conftest sets CHINCHAX_FIT_HELPER=0 for the session
+        assert off is None
+    monkeypatch.delenv("CHINCHAX_FIT_HELPER")
+    started, real_init = [], helper.Helper.__init__
+
+    def counted_init(self, *args, **kwargs):
+        started.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(helper.Helper, "__init__", counted_init)
 
     def fit(parallel):
         with warnings.catch_warnings(record=True) as caught:
@@ -73,6 +85,7 @@ def test_laws_fitted_in_the_helper_process_equal_a_fit_in_one_process(fitted_swe
         return fits, [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
 
     (serial, serial_warned), (helped, helped_warned) = fit(False), fit(True)
+    assert len(started) == (1 if helper.usable_cores() >= 2 else 0)  # the parallel fit ran in a helper, the serial one not
     assert helped["laws"] == serial["laws"] and helped["laws_unsupported"] == serial["laws_unsupported"]
     # the helper's warnings reach the caller, in order, and fits.json
     assert helped_warned == serial_warned and helped["warnings"] == serial["warnings"]
