@@ -98,22 +98,35 @@ def make_run_step(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout:
     with the layout's shardings, metrics replicated.
     """
     lr_at = jax.jit(learning_rate_schedule(cfg.optim, total_steps))
-
-    def step_with_lr(state, tokens_BT1, lr):
-        return train_step_fn(graphdef, make_optimizer(cfg.optim, total_steps, lambda count: lr), cfg)(state, tokens_BT1)
-
-    if layout is None:
-        step_jit = jax.jit(step_with_lr, donate_argnums=0)
-    else:
-        step_jit = layout.on_mesh(jax.jit(
-            step_with_lr, donate_argnums=0,
-            in_shardings=(layout.state, layout.batch, layout.replicated), out_shardings=(layout.state, layout.replicated),
-        ))  # fmt: skip
+    step_jit = _jit_state_step(_step_with_lr(graphdef, cfg, total_steps), layout, "batch", n_scalars=1)
 
     def step(state, tokens_BT1):
         return step_jit(state, tokens_BT1, lr_at(state["step"]))
 
     return step, lr_at
+
+
+def _step_with_lr(graphdef: nnx.GraphDef, cfg: Config, total_steps: int):
+    """The pure (state, tokens_BT1, lr) -> (state, metrics): the run's step with its learning rate an
+    argument (the schedule is evaluated outside, so one program serves every run length)."""
+
+    def step_with_lr(state, tokens_BT1, lr):
+        return train_step_fn(graphdef, make_optimizer(cfg.optim, total_steps, lambda count: lr), cfg)(state, tokens_BT1)
+
+    return step_with_lr
+
+
+def _jit_state_step(fn, layout: "sharding.Layout | None", batch: str, n_scalars: int):
+    """``fn(state, tokens, *scalars) -> (state, metrics)`` jitted with the state donated; with a
+    ``layout``, on its mesh: the state in and out with its shardings, the tokens as ``layout.<batch>``,
+    scalars and metrics replicated."""
+    if layout is None:
+        return jax.jit(fn, donate_argnums=0)
+    return layout.on_mesh(jax.jit(
+        fn, donate_argnums=0,
+        in_shardings=(layout.state, getattr(layout, batch)) + (layout.replicated,) * n_scalars,
+        out_shardings=(layout.state, layout.replicated),
+    ))  # fmt: skip
 
 
 # Most optimiser steps one call of ``make_run_steps``' program runs (its batch stack is this deep).
@@ -136,11 +149,9 @@ def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout
     """
     lr_at = jax.jit(learning_rate_schedule(cfg.optim, total_steps))
     lrs_from = jax.jit(lambda first: jax.lax.map(lr_at, first + jnp.arange(steps_per_call)))
+    one = _step_with_lr(graphdef, cfg, total_steps)
 
     def steps_with_lrs(state, tokens_KBT1, lrs_K, n):
-        def one(state, tokens_BT1, lr):
-            return train_step_fn(graphdef, make_optimizer(cfg.optim, total_steps, lambda count: lr), cfg)(state, tokens_BT1)
-
         _, metric_shapes = jax.eval_shape(one, state, tokens_KBT1[0], lrs_K[0])
         metrics_K = jax.tree.map(lambda m: jnp.zeros((steps_per_call,) + m.shape, m.dtype), metric_shapes)
 
@@ -151,14 +162,7 @@ def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout
 
         return jax.lax.fori_loop(0, n, body, (state, metrics_K))
 
-    if layout is None:
-        steps_jit = jax.jit(steps_with_lrs, donate_argnums=0)
-    else:
-        steps_jit = layout.on_mesh(jax.jit(
-            steps_with_lrs, donate_argnums=0,
-            in_shardings=(layout.state, layout.stacked_batch, layout.replicated, layout.replicated),
-            out_shardings=(layout.state, layout.replicated),
-        ))  # fmt: skip
+    steps_jit = _jit_state_step(steps_with_lrs, layout, "stacked_batch", n_scalars=2)
 
     def run_steps(state, tokens_KBT1, n: int):
         if not 1 <= n <= steps_per_call:
