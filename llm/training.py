@@ -2,7 +2,7 @@
 
 The train step is a pure function of (state, batch) -> (state, metrics), with the state an
 explicit pytree {params, opt_state, step}; one compiled program runs up to 32 of them per call
-(``make_run_steps``), up to the next step that logs, evaluates or checkpoints. The host loop
+(``make_run_steps``; at most ``log_every``), up to the next step that logs, evaluates or checkpoints. The host loop
 only feeds stacks of batches (a pure function of (data seed, step)) and reads metrics back
 every ``log_every`` steps, so the accelerator is never waiting on Python in between.
 
@@ -384,7 +384,9 @@ def train(
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
     mfu_flops = counting.mfu_flops_per_token(m)  # the matmul FLOPs the hardware really does
-    run_steps, _ = make_run_steps(graphdef, cfg, steps, layout)
+    # A call never runs past a log line, so a deeper stack of batches would only be built and copied in vain.
+    per_call = min(STEPS_PER_CALL, t.log_every)
+    run_steps, _ = make_run_steps(graphdef, cfg, steps, layout, steps_per_call=per_call)
     schedule = learning_rate_schedule(cfg.optim, steps)  # the logged lr, as it always was
     eval_step = make_eval_step(graphdef, layout)
     eval_set = np.concatenate(list(dataset.eval_batches(t.batch_size)), axis=0)
@@ -427,8 +429,8 @@ def train(
         step = completed = start
         try:
             mine = layout.host_rows(t.batch_size)  # each host builds and places only its rows
-            calls = step_calls(start, steps, t, branch_steps)
-            batches = prefetch_to_device(lambda j: stacked_batch(dataset, calls[j], t.batch_size, mine), 0, len(calls),
+            calls = step_calls(start, steps, t, branch_steps, most=per_call)
+            batches = prefetch_to_device(lambda j: stacked_batch(dataset, calls[j], t.batch_size, mine, most=per_call), 0, len(calls),
                                          place=lambda rows: layout.put_stacked(rows, t.batch_size))  # fmt: skip
             for (first, n), batch in zip(calls, batches):
                 state, metrics_K = run_steps(state, batch, n)
