@@ -12,7 +12,8 @@ member's result.json under ``population.mode``:
 
 - ``vmap`` (GPU/TPU): the step is vmapped over stacked parameters and optimiser states, so
   P small models fill the device as one large program.
-- ``loop`` (CPU): the members take turns, one step each, through the same compiled step.
+- ``loop`` (CPU): the members take turns through the same compiled program, each call running
+  one member up to the next log line (at most 32 steps, as ``llm.training.train`` does).
   The cores are busy with one small model already (a vmap measured 0.7x-1.3x the aggregate
   tokens/s), so the gain on CPU is the start-up paid once instead of P times.
 
@@ -43,9 +44,10 @@ from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
-from llm.training import (RunResult, _check_same_config, _environment, _losses_so_far, _record, _resume, _Throughput,
-                          evaluate, failure, fetch_metrics, make_eval_step, run_result, run_summary, should_checkpoint,
-                          should_log, train_step_fn)  # fmt: skip
+from llm.training import (STEPS_PER_CALL, RunResult, _check_same_config, _environment, _losses_so_far, _record, _resume,
+                          _Throughput, evaluate, failure, fetch_step_metrics, make_eval_step, run_result, run_summary,
+                          should_checkpoint, should_log, stacked_batch, steps_in_loop, steps_to_stop,
+                          train_step_fn)  # fmt: skip
 from rundir import CHECKPOINTS, CONFIG, RESULT, read_result, write_json_atomic, write_text_atomic
 
 MODES = ("auto", "vmap", "loop")
@@ -154,17 +156,18 @@ def make_member_step(graphdef: nnx.GraphDef, cfg: Config):
 
 
 class _LoopStepper:
-    """Members take turns through one jitted step (CPU)."""
+    """Members take turns, a call of up to ``per_call`` steps each, through one jitted program (CPU)."""
 
-    def __init__(self, member_step, states: list):
-        self.states = states
-        self._step = jax.jit(member_step, donate_argnums=0)
+    def __init__(self, member_step, states: list, per_call: int):
+        self.states, self.per_call = states, per_call
+        steps = steps_in_loop(lambda state, tokens_BT1, i, hparams: member_step(state, tokens_BT1, hparams), per_call)
+        self._steps = jax.jit(steps, donate_argnums=0)
 
-    def step(self, members: list[_Member], batch_size: int, at: int) -> None:
+    def steps(self, members: list[_Member], batch_size: int, call: tuple[int, int]) -> None:
         for mb in members:
-            batch = mb.dataset.train_batch(at - 1, batch_size)
-            self.states[mb.index], metrics = self._step(self.states[mb.index], batch, mb.hparams())
-            mb.pending.append(metrics)
+            batches = stacked_batch(mb.dataset, call, batch_size, most=self.per_call)
+            self.states[mb.index], metrics_K = self._steps(self.states[mb.index], batches, mb.hparams(), jnp.int32(call[1]))
+            mb.pending.append((metrics_K, call[1]))
 
     def state(self, i: int):
         return self.states[i]
@@ -174,39 +177,40 @@ class _LoopStepper:
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
-        return fetch_metrics(pending)
+        return fetch_step_metrics(pending)
 
 
 class _VmapStepper:
-    """One vmapped step over the stacked member states; members not stepping (not yet started
-    here, finished, failed) are masked out and keep their state."""
+    """One vmapped call of up to ``per_call`` steps over the stacked member states; members not
+    stepping (not yet started here, finished, failed) are masked out and keep their state."""
 
-    def __init__(self, member_step, states: list, members: list[_Member]):
-        self.size = len(states)
+    def __init__(self, member_step, states: list, members: list[_Member], per_call: int):
+        self.size, self.per_call = len(states), per_call
         self.stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         self.hparams = {k: np.stack([mb.hparams()[k] for mb in members]) for k in STEP_KEYS}
+        steps = steps_in_loop(lambda state, tokens_BT1, i, hparams: member_step(state, tokens_BT1, hparams), per_call)
 
-        def masked(state, tokens_BT1, hparams, active):
-            new, metrics = member_step(state, tokens_BT1, hparams)
-            return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics
+        def masked(state, tokens_KBT1, hparams, active, n):
+            new, metrics_K = steps(state, tokens_KBT1, hparams, n)
+            return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics_K
 
-        self._step = jax.jit(jax.vmap(masked), donate_argnums=0)
+        self._steps = jax.jit(jax.vmap(masked, in_axes=(0, 0, 0, 0, None)), donate_argnums=0)
         self._zeros = None
 
-    def step(self, members: list[_Member], batch_size: int, at: int) -> None:
+    def steps(self, members: list[_Member], batch_size: int, call: tuple[int, int]) -> None:
         by_index = {mb.index: mb for mb in members}
         batches = []
         for i in range(self.size):
             if i in by_index:
-                batches.append(by_index[i].dataset.train_batch(at - 1, batch_size))
+                batches.append(stacked_batch(by_index[i].dataset, call, batch_size, most=self.per_call))
             else:  # a masked lane still needs input of the right shape
                 if self._zeros is None:
-                    self._zeros = np.zeros_like(members[0].dataset.train_batch(0, batch_size))
+                    self._zeros = np.zeros_like(stacked_batch(members[0].dataset, call, batch_size, most=self.per_call))
                 batches.append(self._zeros)
         active = np.array([i in by_index for i in range(self.size)])
-        self.stacked, metrics = self._step(self.stacked, np.stack(batches), self.hparams, active)
+        self.stacked, metrics_PK = self._steps(self.stacked, np.stack(batches), self.hparams, active, jnp.int32(call[1]))
         for mb in members:
-            mb.pending.append(metrics)
+            mb.pending.append((metrics_PK, call[1]))
 
     def state(self, i: int):
         return jax.tree.map(lambda x: x[i], self.stacked)
@@ -216,7 +220,7 @@ class _VmapStepper:
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
-        return [{k: v[i] for k, v in h.items()} for h in fetch_metrics(pending)]
+        return fetch_step_metrics([({k: v[i] for k, v in metrics_PK.items()}, n) for metrics_PK, n in pending])
 
 
 def train_population(
@@ -305,7 +309,9 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
             mb.losses = _losses_so_far(mb.run_dir)
             mb.log = stack.enter_context(contextlib.closing(MetricsLog(mb.run_dir, tensorboard=t.tensorboard)))
         member_step = make_member_step(graphdef, cfg)
-        stepper = _VmapStepper(member_step, states, members) if mode == "vmap" else _LoopStepper(member_step, states)
+        per_call = min(STEPS_PER_CALL, t.log_every)  # as llm.training.train: a call never runs past a log line
+        stepper = (_VmapStepper(member_step, states, members, per_call) if mode == "vmap"
+                   else _LoopStepper(member_step, states, per_call))  # fmt: skip
         del states  # the stepper owns them (a vmap stacks and donates them)
         first = min(mb.start for mb in members)
         meter = _Throughput(first)
@@ -339,26 +345,35 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
         bar = tqdm(total=steps, initial=first, unit="step", disable=not t.progress, file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5, desc=f"population of {len(members)}")  # fmt: skip
         try:
-            for step in range(first + 1, steps + 1):
-                stepping = [mb for mb in members if mb.live and mb.start < step]
-                if not stepping:
+            at = first
+            while at < steps:
+                live = [mb for mb in members if mb.live]
+                if not live:
                     break
-                stepper.step(stepping, t.batch_size, step)
-                bar.update(1)
+                if all(mb.start > at for mb in live):  # the members stepping so far failed: on to the next resume point
+                    at = min(mb.start for mb in live)
+                    meter.interval(at, 0)  # the steps skipped trained nothing
+                    continue
+                stepping = [mb for mb in live if mb.start <= at]
+                # a call stops where a member joins (resumes), as at a log line or checkpoint
+                n = steps_to_stop(at, steps, t, {mb.start for mb in live if mb.start > at}, most=per_call)
+                stepper.steps(stepping, t.batch_size, (at, n))
+                at += n
+                bar.update(n)
                 for mb in stepping:
-                    mb.completed = step
-                if should_log(step, steps, t.log_every, t.eval_every):
-                    rate = meter.interval(step, tokens_per_step)  # per member: each trained these tokens in this time
+                    mb.completed = at
+                if should_log(at, steps, t.log_every, t.eval_every):
+                    rate = meter.interval(at, tokens_per_step)  # per member: each trained these tokens in this time
                     for mb in stepping:
-                        _log_member(mb, step, steps, line(mb, step, rate), meter, eval_step, stepper, eval_set, micro_batch)
+                        _log_member(mb, at, steps, line(mb, at, rate), meter, eval_step, stepper, eval_set, micro_batch)
                         if mb.error:
                             finish(mb)
                     bar.set_postfix(loss=f"{np.nanmean([mb.losses.last_train for mb in stepping]):.3f}",
                                     tok_s=f"{_times(rate, len(stepping)):,.0f}")  # fmt: skip
-                if should_checkpoint(step, steps, t.checkpoint_every):
+                if should_checkpoint(at, steps, t.checkpoint_every):
                     for mb in stepping:
                         if mb.live:
-                            save(mb, step)
+                            save(mb, at)
         except KeyboardInterrupt:
             # As llm.training.train: keep each member's work since its last checkpoint, metrics line first.
             for mb in members:

@@ -150,18 +150,7 @@ def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout
     lr_at = jax.jit(learning_rate_schedule(cfg.optim, total_steps))
     lrs_from = jax.jit(lambda first: jax.lax.map(lr_at, first + jnp.arange(steps_per_call)))
     one = _step_with_lr(graphdef, cfg, total_steps)
-
-    def steps_with_lrs(state, tokens_KBT1, lrs_K, n):
-        _, metric_shapes = jax.eval_shape(one, state, tokens_KBT1[0], lrs_K[0])
-        metrics_K = jax.tree.map(lambda m: jnp.zeros((steps_per_call,) + m.shape, m.dtype), metric_shapes)
-
-        def body(i, carry):
-            state, metrics_K = carry
-            state, metrics = one(state, tokens_KBT1[i], lrs_K[i])
-            return state, jax.tree.map(lambda all_K, m: all_K.at[i].set(m), metrics_K, metrics)
-
-        return jax.lax.fori_loop(0, n, body, (state, metrics_K))
-
+    steps_with_lrs = steps_in_loop(lambda state, tokens_BT1, i, lrs_K: one(state, tokens_BT1, lrs_K[i]), steps_per_call)
     steps_jit = _jit_state_step(steps_with_lrs, layout, "stacked_batch", n_scalars=2)
 
     def run_steps(state, tokens_KBT1, n: int):
@@ -170,6 +159,26 @@ def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout
         return steps_jit(state, tokens_KBT1, lrs_from(state["step"]), jnp.int32(n))
 
     return run_steps, lr_at
+
+
+def steps_in_loop(one, steps_per_call: int):
+    """``one(state, tokens_BT1, i, args) -> (state, metrics)`` (step i of a call; ``args`` any pytree)
+    -> the pure ``steps(state, tokens_KBT1, args, n) -> (state, metrics_K)``: the first n <= K steps
+    of a stack of K = ``steps_per_call`` batches in one ``fori_loop``, metrics_K holding each
+    metric per step in its first n entries (``make_run_steps``, ``llm.population``)."""
+
+    def steps(state, tokens_KBT1, args, n):
+        _, metric_shapes = jax.eval_shape(lambda s, t: one(s, t, 0, args), state, tokens_KBT1[0])
+        metrics_K = jax.tree.map(lambda m: jnp.zeros((steps_per_call,) + m.shape, m.dtype), metric_shapes)
+
+        def body(i, carry):
+            state, metrics_K = carry
+            state, metrics = one(state, tokens_KBT1[i], i, args)
+            return state, jax.tree.map(lambda all_K, m: all_K.at[i].set(m), metrics_K, metrics)
+
+        return jax.lax.fori_loop(0, n, body, (state, metrics_K))
+
+    return steps
 
 
 def train_step_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: Config):
@@ -589,19 +598,9 @@ def stacked_batch(dataset, call: tuple[int, int], batch_size: int, rows: slice |
 
 def fetch_step_metrics(pending: list[tuple[dict[str, jax.Array], int]]) -> list[dict[str, np.ndarray]]:
     """Per-step metrics of the ``run_steps`` calls since the last log line, (metrics_K, n) each,
-    fetched in one transfer; the same list of per-step dicts ``fetch_metrics`` gives."""
+    fetched in one transfer (one device-to-host copy per call, not one per metric and step)."""
     host = jax.device_get([metrics_K for metrics_K, _ in pending])
     return [{k: v[i] for k, v in metrics_K.items()} for metrics_K, (_, n) in zip(host, pending) for i in range(n)]
-
-
-def fetch_metrics(pending: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray]]:
-    """Per-step metrics kept on the device since the last log line, fetched in one transfer.
-
-    Stacking on the device first makes it one device-to-host copy per metric instead of
-    one per metric and step; the result is the same list of per-step dicts.
-    """
-    stacked = jax.device_get(jax.tree.map(lambda *values: jnp.stack(values), *pending))
-    return [{k: v[i] for k, v in stacked.items()} for i in range(len(pending))]
 
 
 def _resume(checkpoints: Checkpoints, state: Any, run_dir: Path, model_cfg: ModelConfig) -> tuple[int, Any, float]:

@@ -24,7 +24,7 @@ from llm.layer_stack import to_layout
 from llm.logits import block_tokens, blockwise_logits, hidden_state_loss
 from llm.model import Transformer
 from llm.optim import make_optimizer
-from llm.training import fetch_metrics, make_train_step, prefetch_to_device
+from llm.training import fetch_step_metrics, make_train_step, prefetch_to_device
 
 # The reference's shape of block (GELU, tied embeddings) in bfloat16.
 DENSE = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=64, seq_len=16,
@@ -147,7 +147,8 @@ def test_prefetch_yields_every_batch_in_order_on_the_device_built_only_when_aske
     assert all(isinstance(b, jax.Array) for b in [first, *rest])
 
 
-def test_fetch_metrics_returns_the_per_step_values():
-    pending = [{"train_loss": jnp.float32(2.5 - i), "grad_norm": jnp.float32(i)} for i in range(3)]
-    fetched = fetch_metrics(pending)
+def test_fetch_step_metrics_returns_the_first_n_of_each_call_in_order():
+    calls = [({"train_loss": jnp.array([2.5, 1.5, 9.0]), "grad_norm": jnp.array([0.0, 1.0, 9.0])}, 2),
+             ({"train_loss": jnp.array([0.5, 9.0, 9.0]), "grad_norm": jnp.array([2.0, 9.0, 9.0])}, 1)]  # fmt: skip
+    fetched = fetch_step_metrics(calls)  # the 9s are steps a call did not run
     assert [(float(m["train_loss"]), float(m["grad_norm"])) for m in fetched] == [(2.5, 0.0), (1.5, 1.0), (0.5, 2.0)]
