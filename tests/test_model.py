@@ -140,11 +140,11 @@ def test_softmax_last_matches_jax_softmax_values_and_gradients():
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 4
     x = jnp.where(jnp.tril(jnp.ones((5, 7), bool)), x, jnp.finfo(jnp.float32).min)  # masked like attention
     g = jax.random.normal(jax.random.key(1), x.shape)
-    np.testing.assert_allclose(softmax_last(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
-    grad = jax.grad(lambda x: jnp.sum(softmax_last(x) * g))(x)
-    grad_ref = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * g))(x)
+    np.testing.assert_allclose(jax.jit(softmax_last)(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(softmax_last(x) * g)))(x)  # jitted: one compile, not one per op
+    grad_ref = jax.jit(jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * g)))(x)
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
     assert np.all(grad[..., 0, 1:] == 0)  # masked scores get no gradient
     # and under vmap (population training vmaps the step)
-    vgrad = jax.vmap(jax.grad(lambda x, g: jnp.sum(softmax_last(x) * g)))(x, g)
+    vgrad = jax.jit(jax.vmap(jax.grad(lambda x, g: jnp.sum(softmax_last(x) * g))))(x, g)
     np.testing.assert_allclose(vgrad, grad_ref, rtol=1e-5, atol=1e-6)

@@ -123,17 +123,17 @@ def test_a_vmapped_population_resumes_members_at_different_steps(trained, tmp_pa
     assert [r.result["wall_time_s"] for r in again] == [r.result["wall_time_s"] for r in results]
 
 
-@pytest.mark.parametrize("mode", ["loop", "vmap"])
-def test_a_member_resuming_after_the_others_failed_still_finishes(trained, tmp_path, mode):
-    """The diverging member fails within its first steps; member 1 resumes at step 6, after that."""
+def test_a_member_resuming_after_the_others_failed_still_finishes(trained, tmp_path):
+    """The diverging member fails within its first steps; member 1 resumes at step 6, after that.
+    (The loop over calls is the same for both modes; CPU's loop mode keeps the test short.)"""
     cfgs = [trained["cfgs"][2], trained["cfgs"][1]]
     shutil.copytree(trained["root"] / "loop" / "m1", tmp_path / "m1")
     shutil.rmtree(tmp_path / "m1" / "checkpoints" / "12")
     (tmp_path / "m1" / "result.json").unlink()
-    results = train_population(cfgs, [tmp_path / "m2", tmp_path / "m1"], mode=mode)
+    results = train_population(cfgs, [tmp_path / "m2", tmp_path / "m1"], mode="loop")
     assert [r.status for r in results] == ["failed", "done"]
     assert _result(tmp_path / "m2")["step"] < 6 and _result(tmp_path / "m1")["step"] == 12
-    np.testing.assert_allclose(_curve(tmp_path / "m1"), _curve(trained["root"] / "single"), rtol=2e-5)
+    np.testing.assert_array_equal(_curve(tmp_path / "m1"), _curve(trained["root"] / "single"))
 
 
 def test_members_that_differ_in_more_than_population_keys_are_refused(tmp_path):
