@@ -44,8 +44,8 @@ from llm.data import load_dataset
 from llm.metrics import MetricsLog, is_eval_step, peak_flops
 from llm.model import Transformer
 from llm.optim import learning_rate_schedule, make_optimizer
-from llm.training import (STEPS_PER_CALL, RunResult, _check_same_config, _environment, _losses_so_far, _record, _resume,
-                          _Throughput, evaluate, failure, fetch_step_metrics, make_eval_step, run_result, run_summary,
+from llm.training import (RunResult, _check_same_config, _environment, _losses_so_far, _record, _resume, _Throughput,
+                          call_depth, evaluate, failure, fetch_step_metrics, make_eval_step, run_result, run_summary,
                           should_checkpoint, should_log, stacked_batch, steps_in_loop, steps_to_stop,
                           train_step_fn)  # fmt: skip
 from rundir import CHECKPOINTS, CONFIG, RESULT, read_result, write_json_atomic, write_text_atomic
@@ -155,13 +155,19 @@ def make_member_step(graphdef: nnx.GraphDef, cfg: Config):
     return member_step
 
 
+def make_member_steps(graphdef: nnx.GraphDef, cfg: Config, per_call: int):
+    """Pure (state, tokens_KBT1, hparams, n) -> (state, metrics_K): the first n of a stack of
+    ``per_call`` member steps in one loop (``llm.training.steps_in_loop``, as a single run)."""
+    member_step = make_member_step(graphdef, cfg)
+    return steps_in_loop(lambda state, tokens_BT1, i, hparams: member_step(state, tokens_BT1, hparams), per_call)
+
+
 class _LoopStepper:
     """Members take turns, a call of up to ``per_call`` steps each, through one jitted program (CPU)."""
 
-    def __init__(self, member_step, states: list, per_call: int):
+    def __init__(self, member_steps, states: list, per_call: int):
         self.states, self.per_call = states, per_call
-        steps = steps_in_loop(lambda state, tokens_BT1, i, hparams: member_step(state, tokens_BT1, hparams), per_call)
-        self._steps = jax.jit(steps, donate_argnums=0)
+        self._steps = jax.jit(member_steps, donate_argnums=0)
 
     def steps(self, members: list[_Member], batch_size: int, call: tuple[int, int]) -> None:
         for mb in members:
@@ -184,15 +190,14 @@ class _VmapStepper:
     """One vmapped call of up to ``per_call`` steps over the stacked member states; members not
     stepping (not yet started here, finished, failed) are masked out and keep their state."""
 
-    def __init__(self, member_step, states: list, members: list[_Member], per_call: int):
+    def __init__(self, member_steps, states: list, members: list[_Member], per_call: int):
         self.size, self.per_call = len(states), per_call
         self.stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         self.hparams = {k: np.stack([mb.hparams()[k] for mb in members]) for k in STEP_KEYS}
-        steps = steps_in_loop(lambda state, tokens_BT1, i, hparams: member_step(state, tokens_BT1, hparams), per_call)
 
         def masked(state, tokens_KBT1, hparams, active, n):
-            new, metrics_K = steps(state, tokens_KBT1, hparams, n)
-            return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state), metrics_K
+            new, metrics_K = member_steps(state, tokens_KBT1, hparams, n)
+            return jax.tree.map(lambda new_x, old_x: jnp.where(active, new_x, old_x), new, state), metrics_K
 
         self._steps = jax.jit(jax.vmap(masked, in_axes=(0, 0, 0, 0, None)), donate_argnums=0)
         self._zeros = None
@@ -220,7 +225,8 @@ class _VmapStepper:
 
     @staticmethod
     def host_metrics(pending: list, i: int) -> list[dict]:
-        return fetch_step_metrics([({k: v[i] for k, v in metrics_PK.items()}, n) for metrics_PK, n in pending])
+        host = jax.device_get(pending)  # one transfer, then member i's lane sliced on the host
+        return fetch_step_metrics([({k: v[i] for k, v in metrics_PK.items()}, n) for metrics_PK, n in host])
 
 
 def train_population(
@@ -308,10 +314,10 @@ def _train_members(cfgs: list[Config], run_dirs: list[Path], run_names: list[str
             mb.completed = mb.start
             mb.losses = _losses_so_far(mb.run_dir)
             mb.log = stack.enter_context(contextlib.closing(MetricsLog(mb.run_dir, tensorboard=t.tensorboard)))
-        member_step = make_member_step(graphdef, cfg)
-        per_call = min(STEPS_PER_CALL, t.log_every)  # as llm.training.train: a call never runs past a log line
-        stepper = (_VmapStepper(member_step, states, members, per_call) if mode == "vmap"
-                   else _LoopStepper(member_step, states, per_call))  # fmt: skip
+        per_call = call_depth(t)  # as llm.training.train
+        member_steps = make_member_steps(graphdef, cfg, per_call)
+        stepper = (_VmapStepper(member_steps, states, members, per_call) if mode == "vmap"
+                   else _LoopStepper(member_steps, states, per_call))  # fmt: skip
         del states  # the stepper owns them (a vmap stacks and donates them)
         first = min(mb.start for mb in members)
         meter = _Throughput(first)

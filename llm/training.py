@@ -133,6 +133,12 @@ def _jit_state_step(fn, layout: "sharding.Layout | None", batch: str, n_scalars:
 STEPS_PER_CALL = 32
 
 
+def call_depth(t: TrainConfig) -> int:
+    """How deep a run's stack of batches per call is: a call never runs past a log line, so a
+    deeper stack than ``log_every`` would only be built and copied in vain."""
+    return min(STEPS_PER_CALL, t.log_every)
+
+
 def make_run_steps(graphdef: nnx.GraphDef, cfg: Config, total_steps: int, layout: "sharding.Layout | None" = None,
                    steps_per_call: int = STEPS_PER_CALL):  # fmt: skip
     """``run_steps(state, tokens_KBT1, n) -> (state, metrics_K)``: the first ``n`` <= K steps of a
@@ -393,8 +399,7 @@ def train(
     hardware, versions = _environment()
     peak = peak_flops(hardware["device_kind"])
     mfu_flops = counting.mfu_flops_per_token(m)  # the matmul FLOPs the hardware really does
-    # A call never runs past a log line, so a deeper stack of batches would only be built and copied in vain.
-    per_call = min(STEPS_PER_CALL, t.log_every)
+    per_call = call_depth(t)
     run_steps, _ = make_run_steps(graphdef, cfg, steps, layout, steps_per_call=per_call)
     schedule = learning_rate_schedule(cfg.optim, steps)  # the logged lr, as it always was
     eval_step = make_eval_step(graphdef, layout)
