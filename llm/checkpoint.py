@@ -30,6 +30,7 @@ import logging
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +216,11 @@ def _drop_orbax_read_echoes() -> None:
     """Silence the echoes of one failed restore, and nothing else.
 
     Orbax reads arrays concurrently inside ``asyncio.run``; when one read fails the loop
-    closes while the others are in flight, and each of those later reports either
-    "Event loop is closed" (an unraisable exception from tensorstore's callback thread)
-    or "... exception was never retrieved" (asyncio's logger, when the future is
-    collected), long after our CheckpointError has said what is wrong. Both can fire at
+    closes while the others are in flight, and each of those later reports one of
+    "Event loop is closed" (an unraisable exception from tensorstore's callback thread),
+    "... exception was never retrieved" (asyncio's logger, when the future is collected)
+    or "coroutine ... was never awaited" (a RuntimeWarning, when a read that never started
+    is collected), long after our CheckpointError has said what is wrong. All can fire at
     any time until the process exits, so the filters stay installed (once).
     """
     global _echoes_dropped
@@ -232,6 +234,9 @@ def _drop_orbax_read_echoes() -> None:
             previous(info)
 
     sys.unraisablehook = unraisable
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine 'Store\._get_array_metadatas' was never awaited", category=RuntimeWarning
+    )
     logging.getLogger("asyncio").addFilter(  # "Future exception was never retrieved\nfuture: <...>"
         lambda record: not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
     )
