@@ -19,6 +19,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+# The suite is compile-bound: hundreds of tiny models compiled for a few steps each. XLA's backend
+# optimisations cost more compile time than they save in those steps (test_train.py and
+# test_moe.py: 191 -> 130 CPU s), and every comparison a test makes (two code paths, a resumed
+# run against an uninterrupted one) compiles both sides under the same flags. Runs the tests
+# launch inherit the variable; tests/test_sweep_quickstart.py runs at the default level, as users do.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+
 # The fit's helper process (analysis.helper) costs about 2 CPU s of imports per fit; xdist fills
 # the cores already, so the session fits in one process (the same numbers: the helper's own tests
 # in test_analysis_end_to_end.py turn it back on and compare).

@@ -9,6 +9,7 @@ fits.json, figures and report.md appear; a second launch trains nothing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,9 @@ SHORT = [
 def test_quickstart_short(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHINCHAX_CACHE", str(tmp_path / "cache"))  # data and compile caches
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the test session's (conftest): use the sweep's own
+    # the one end-to-end test compiled as users compile: without conftest's fast-compile flag
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_backend_optimization_level" not in f]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     out = tmp_path / "quickstart"
     assert main(["sweep", "run", str(SPEC), *SHORT, "--out", str(out), "--parallel", "2"]) == 0
     index = json.loads((out / "index.json").read_text())
