@@ -395,6 +395,21 @@ def plan_branches(runs: list[PlannedRun], overhead_s: float = 0.0) -> list[Plann
 
 
 
+def launch_priority(runs: list[PlannedRun]) -> dict[str, float]:
+    """Run name -> estimated seconds from its start to the end of the runs that wait for it: its
+    own ``est_time_s`` plus its longest cooldown branch's (branches start after their main run).
+
+    The runner starts the highest first (longest-processing-time-first scheduling), so that on a
+    few slots the largest runs and a wsd main run with its branches do not start last and leave
+    the other slots idle at the end.
+    """
+    longest_branch: dict[str, float] = {}
+    for run in runs:
+        if run.parent is not None:
+            longest_branch[run.parent] = max(longest_branch.get(run.parent, 0.0), run.est_time_s)
+    return {run.name: run.est_time_s + longest_branch.get(run.name, 0.0) for run in runs}
+
+
 def check_epochs(spec: SweepSpec, name: str, cfg: Config, tokens: int, unique: int | None) -> None:
     """ConfigError when a run would pass its data more than ``spec.max_epochs`` times by accident.
 

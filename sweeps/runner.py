@@ -41,7 +41,7 @@ from sweeps.backends import DEFAULT_MAX_RETRIES, WORKER_LOST, make_backend, work
 from sweeps.evals import eval_failure, eval_spec_to_json, needs_eval
 from sweeps.index import index_row, lock_path, run_state, write_index
 from sweeps.lock import break_lock, holder
-from sweeps.plan import PlannedRun, expand
+from sweeps.plan import PlannedRun, expand, launch_priority
 from sweeps.populations import DEFAULT_MAX_SIZE, DEFAULT_POPULATION_FN, launch_units, memory_fits, population_command
 from sweeps.spec import SweepSpec
 from sweeps.run_result import EXIT_ALREADY_DONE, EXIT_LOCKED, write_failure
@@ -256,16 +256,19 @@ def initial_status(state: str, retry_failed: bool) -> str:
     return state
 
 
-def to_launch(status: dict[str, str], free: int, parents: dict[str, str] | None = None) -> list[str]:
-    """The next runs to start: the first ``free`` queued runs, in spec order.
+def to_launch(status: dict[str, str], free: int, parents: dict[str, str] | None = None,
+              priority: dict[str, float] | None = None) -> list[str]:  # fmt: skip
+    """The next runs to start: the first ``free`` queued runs, highest ``priority`` first
+    (``sweeps.plan.launch_priority``), ties and runs without one in spec order.
 
     A cooldown branch (``parents``: branch name -> main run name) waits while its main run is
     still to train (queued, running, waiting); once that is done or failed it starts (from the
     main run's checkpoint, or from scratch when there is none).
     """
-    parents = parents or {}
+    parents, priority = parents or {}, priority or {}
     ready = [name for name, st in status.items()
              if st == "queued" and status.get(parents.get(name, ""), "done") not in ("queued", "running", "waiting")]  # fmt: skip
+    ready.sort(key=lambda name: -priority.get(name, 0.0))  # stable: spec order among equals
     return ready[: max(0, free)]
 
 
@@ -357,7 +360,7 @@ class _Launch:
         a run locked meanwhile is waited for."""
         free = backend.free()
         parents = {r.name: r.parent for r in self.runs if r.parent is not None}  # wsd branches wait for them
-        for name in to_launch(self.status, len(self.status), parents):
+        for name in to_launch(self.status, len(self.status), parents, self.priority()):
             if free <= 0:
                 break
             members = []
@@ -371,6 +374,12 @@ class _Launch:
             if members:
                 self._start_unit(backend, members)
                 free -= 1
+
+    def priority(self) -> dict[str, float]:
+        """Run name -> launch priority: ``launch_priority``'s seconds, a population's summed over its
+        members (on CPU they train in turn)."""
+        own = launch_priority(self.runs)
+        return {name: sum(own[m] for m in self.units.get(name, [name])) for name in own}
 
     def lock_holder(self, backend, name: str) -> dict | None:
         """The live owner of run ``name``'s lock; a lock left on a node the backend knows dead is removed."""

@@ -31,6 +31,13 @@ def test_to_launch_takes_the_first_queued_runs_in_spec_order():
     assert to_launch(status, 10) == ["b", "d", "e"]
 
 
+def test_to_launch_takes_the_highest_priority_first_and_spec_order_among_equals():
+    status = {"a": "queued", "b": "queued", "c": "done", "d": "queued", "e": "queued"}
+    priority = {"a": 1.0, "b": 5.0, "c": 9.0, "d": 5.0}  # e has none: last
+    assert to_launch(status, 2, priority=priority) == ["b", "d"]
+    assert to_launch(status, 10, priority=priority) == ["b", "d", "a", "e"]
+
+
 def test_after_exit():
     done, failed = {"status": "done"}, {"status": "failed", "error": "x"}
     assert after_exit(0, done) == ("done", True)

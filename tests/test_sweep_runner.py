@@ -91,6 +91,17 @@ def _calls(out, name):
     return path.read_text().splitlines() if path.exists() else []
 
 
+def test_the_longest_runs_start_first_whatever_their_place_in_the_spec(tmp_path):
+    # one slot: a run's calls.txt is written when it starts, so their times give the launch order
+    spec = spec_from_dict({"name": "order", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                                                               "seq_len": 16}, "train": {"batch_size": 2}},
+                           "grid": {"train.steps": [3, 300, 30]}})  # fmt: skip
+    _run(spec, tmp_path, parallel=1, fit=False)
+    runs = expand(spec)
+    started = sorted(runs, key=lambda r: (tmp_path / r.name / "calls.txt").stat().st_mtime_ns)
+    assert [r.steps for r in started] == [300, 30, 3]
+
+
 def test_skip_done_and_failure_isolation_and_retry(tmp_path):
     spec = _spec([1, 13, 2, 14])
     names = [r.name for r in expand(spec)]

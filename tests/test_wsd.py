@@ -177,6 +177,22 @@ def test_a_branch_is_launched_only_after_its_main_run():
     assert to_launch({**status, "main": "failed"}, 4, parents) == ["b1", "b2", "other"]  # then from scratch
 
 
+def test_a_main_run_is_launched_before_anything_shorter_than_it_and_its_longest_branch():
+    from sweeps.plan import expand, launch_priority
+    from sweeps.runner import to_launch
+
+    runs = expand(_grid_spec())
+    priority = launch_priority(runs)
+    est = {r.name: r.est_time_s for r in runs}
+    small_main, big_main = runs[2], runs[5]  # 3e3 and 1.2e4 parameters, 40 steps each
+    for main, size in ((small_main, runs[:3]), (big_main, runs[3:])):
+        assert priority[main.name] == pytest.approx(est[main.name] + max(est[r.name] for r in size[:2]))
+        assert all(priority[r.name] == est[r.name] for r in size[:2])  # branches: their own cooldown
+    status = {r.name: "queued" for r in runs}
+    parents = {r.name: r.parent for r in runs if r.parent}
+    assert to_launch(status, 2, parents, priority) == [big_main.name, small_main.name]  # not spec order
+
+
 def recording_train(cfg, run_dir, *, run_name=None, branch_from=None, branch_steps=()):
     """Stand-in for llm.training.train: records its branch arguments and whether the main run was done."""
     import json
