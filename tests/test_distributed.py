@@ -9,7 +9,6 @@ starts. Every child has a timeout, so a collective waiting for a peer fails the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_devices import cpu_devices_env
 
 from llm.distributed import Launch, launch_from_env
 from llm.typed_yaml import ConfigError
@@ -34,18 +34,11 @@ TINY = [
 FSDP8 = ["mesh.data=1", "mesh.fsdp=8"]
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "CHINCHAX_"))}
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **extra)  # fmt: skip
-    return env
-
-
 def _train(run_dir: Path, overrides: list[str], devices: int, **extra: str) -> subprocess.Popen:
     """``chinchax train TINY overrides --run-dir run_dir`` on ``devices`` CPU devices, started."""
     cmd = [sys.executable, "-m", "sweeps.cli", "train", *TINY, *overrides, "--run-dir", str(run_dir)]
-    return subprocess.Popen(cmd, env=_env(devices, **extra), cwd=REPO, stdout=subprocess.PIPE,
+    env = cpu_devices_env(devices, drop=("JAX_", "SLURM_", "TPU_", "CHINCHAX_"), **extra)  # not a cluster's process
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 

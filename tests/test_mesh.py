@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_devices import cpu_devices_env
 
 from llm import sharding
 from llm.config import Config, ConfigError, MeshConfig, dump_config, load_config
@@ -32,16 +32,11 @@ LOSS_TOLERANCE = 1e-5
 PARAM_TOLERANCE = 5e-5
 
 
-def _env(devices: int = 8) -> dict[str, str]:
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-
-
 @pytest.fixture(scope="module")
 def layouts():
     """tests/mesh_equivalence.py's JSON: case -> layout -> losses, differences, bytes, specs."""
     done = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_equivalence.py")], capture_output=True,
-                          text=True, env=_env(), timeout=600)  # fmt: skip
+                          text=True, env=cpu_devices_env(8), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -130,7 +125,7 @@ def test_chinchax_train_on_8_devices_with_fsdp(tmp_path):
             "data.source=synthetic:markov", "train.steps=2", "train.batch_size=8", "train.eval_tokens=64",
             "train.progress=false", "train.tensorboard=false", "mesh.fsdp=8"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "sweeps.cli", "train", *args, "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, env=cpu_devices_env(8), cwd=tmp_path, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "done" and result["step"] == 2 and np.isfinite(result["final_eval_loss"])

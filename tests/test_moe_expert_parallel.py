@@ -9,14 +9,12 @@ report; the tests assert on it.
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from fake_devices import cpu_devices_env
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, D, E, F = 8, 4, 16, 8, 24
 TOL = 2e-5  # float32, O(1) values: reduction order differs between layouts
 
@@ -29,16 +27,16 @@ LAYER_CASES = {("dropless", "expert 4 x tensor 2"): {"expert": 4, "tensor": 2},
                ("dropless", "data 4 x tensor 2"): {"data": 4, "tensor": 2}}
 
 
-# Compiling dominates at these shapes: cheaper CPU code generation about halves the subprocess's
-# CPU time and leaves the differences measured within float32 rounding.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Compiling dominates at these shapes: cheaper CPU code generation (with the suite's backend level
+# 0, conftest.py) about halves the subprocess's CPU time and leaves the differences measured within
+# float32 rounding.
+FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")
 def report():
     """Run the checks on 8 fake devices; the subprocess's JSON report."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+    env = cpu_devices_env(8, xla_flags=FAST_COMPILE)
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
