@@ -340,6 +340,7 @@ class _Launch:
         self.units: dict[str, list[str]] = {}  # run name -> the members of its population (sweeps.populations)
         self.logs: dict[str, Path] = {}  # run name -> the log of the worker that runs it
         self.trained: list[str] = []
+        self.eval_only: set[str] = set()  # finished runs queued for their evaluation alone
         self.written: dict[str, str] | None = None  # statuses as last written to the index
 
     def write_index(self, force: bool = False) -> None:
@@ -377,8 +378,8 @@ class _Launch:
 
     def priority(self) -> dict[str, float]:
         """Run name -> launch priority: ``launch_priority``'s seconds, a population's summed over its
-        members (on CPU they train in turn)."""
-        own = launch_priority(self.runs)
+        members (on CPU they train in turn); a run queued only for its evaluation has none (it trains nothing)."""
+        own = {name: 0.0 if name in self.eval_only else t for name, t in launch_priority(self.runs).items()}
         return {name: sum(own[m] for m in self.units.get(name, [name])) for name in own}
 
     def lock_holder(self, backend, name: str) -> dict | None:
@@ -525,7 +526,6 @@ def run_sweep(
         population = "off"  # a custom train function trains one run; populations would bypass it
     launch = _Launch(spec, sweep_dir, runs, env, _absolute_train_fn(train_fn), _absolute_train_fn(population_fn),
                      max_retries=max_retries, say=say)  # fmt: skip
-    to_evaluate = 0
     for run in runs:
         state = run_state(sweep_dir, run.name)
         launch.status[run.name] = initial_status(state, retry_failed)
@@ -533,12 +533,12 @@ def run_sweep(
             _archive_failure(sweep_dir / run.name)
         if state == "done" and needs_eval(sweep_dir / run.name, spec.eval, retry_failed):
             launch.status[run.name] = "queued"  # its worker only evaluates
-            to_evaluate += 1
+            launch.eval_only.add(run.name)
     stale = stale_runs(sweep_dir, launch.status)
     if stale:
         say(f"note: {len(stale)} finished run(s) in {sweep_dir} are not in this spec (e.g. {stale[0]}); "
             + ("the fit includes them (--include-stale)" if include_stale else "the fit leaves them out (--include-stale to include them)"))
-    say(_launch_line(spec, sweep_dir, launch.status) + (f" ({to_evaluate} of them to evaluate only)" if to_evaluate else ""))
+    say(_launch_line(spec, sweep_dir, launch.status) + (f" ({len(launch.eval_only)} of them to evaluate only)" if launch.eval_only else ""))
 
     bar = Progress(str(spec.name), runs, progress)
     launch.write_index(force=True)

@@ -91,15 +91,31 @@ def _calls(out, name):
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_the_longest_runs_start_first_whatever_their_place_in_the_spec(tmp_path):
-    # one slot: a run's calls.txt is written when it starts, so their times give the launch order
-    spec = spec_from_dict({"name": "order", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+def _lengths_spec():
+    """Three runs of one shape, 3, 300 and 30 steps long, in that order."""
+    return spec_from_dict({"name": "order", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
                                                                "seq_len": 16}, "train": {"batch_size": 2}},
                            "grid": {"train.steps": [3, 300, 30]}})  # fmt: skip
+
+
+def test_the_longest_runs_start_first_whatever_their_place_in_the_spec(tmp_path):
+    # one slot: a run's calls.txt is written when it starts, so their times give the launch order
+    spec = _lengths_spec()
     _run(spec, tmp_path, parallel=1, fit=False)
     runs = expand(spec)
     started = sorted(runs, key=lambda r: (tmp_path / r.name / "calls.txt").stat().st_mtime_ns)
     assert [r.steps for r in started] == [300, 30, 3]
+
+
+def test_a_run_queued_only_for_its_evaluation_starts_after_the_runs_that_train(tmp_path):
+    from sweeps.runner import _Launch, to_launch
+
+    spec = _lengths_spec()
+    runs = expand(spec)
+    launch = _Launch(spec, tmp_path, runs, {}, FAKE)
+    launch.eval_only.add(next(r.name for r in runs if r.steps == 300))  # trained already: it only evaluates
+    order = to_launch({r.name: "queued" for r in runs}, 3, None, launch.priority())
+    assert [next(r.steps for r in runs if r.name == name) for name in order] == [30, 3, 300]
 
 
 def test_skip_done_and_failure_isolation_and_retry(tmp_path):
