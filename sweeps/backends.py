@@ -28,11 +28,13 @@ retries the run from its checkpoint); a run that fails on its own reports its ex
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +211,16 @@ class LocalBackend:
             del self.busy[handle]
         return rc
 
+    def wait(self, timeout_s: float) -> None:
+        """Return once a resident worker's job has ended (or its process died), or after ``timeout_s``:
+        the runner refills a slot as soon as it frees instead of at its next poll. A run in a process
+        of its own is noticed at the timeout."""
+        fds = [fd for w in self.busy.values() if isinstance(w, ResidentWorker) and (fd := w.reply_fd()) is not None]
+        if fds:
+            select.select(fds, [], [], timeout_s)
+        else:
+            time.sleep(timeout_s)
+
     def stop(self, handle: int, grace_s: float = 15.0) -> None:
         """SIGTERM (the worker saves nothing half-done and frees its lock), then SIGKILL."""
         proc = self.busy.pop(handle, None)
@@ -349,6 +361,13 @@ class RayBackend:
         self._next += 1
         self.busy[self._next] = self.task.remote(cmd, {**env, **self.env}, str(log_path))
         return self._next
+
+    def wait(self, timeout_s: float) -> None:
+        """Return once a run's task has ended, or after ``timeout_s``."""
+        if self.busy:
+            self.ray.wait(list(self.busy.values()), num_returns=1, timeout=timeout_s)
+        else:
+            time.sleep(timeout_s)
 
     def poll(self, handle: int) -> int | None:
         """The worker's exit code; WORKER_LOST if its Ray worker or node died (``lost[handle]`` says how)."""

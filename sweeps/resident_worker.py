@@ -143,6 +143,10 @@ class ResidentWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def reply_fd(self) -> int | None:
+        """The pipe the job's exit code arrives on (readable once the job ended or the process died), to select on."""
+        return self._replies
+
     def submit(self, module: str, argv: list[str], log_path: Path) -> None:
         """Hand the process one job; it must be idle."""
         assert not self.busy, "a resident worker runs one job at a time"

@@ -551,9 +551,9 @@ def run_sweep(
                                            resident=resident)
                 if population == "auto":
                     launch.units = _population_units(launch, sweep_dir, backend_obj, parallel, gpus_per_run, max_population)
-            if backend_obj is not None:
-                launch.start(backend_obj)
+            if backend_obj is not None:  # collect first: a slot freed since the last look is refilled now
                 launch.collect(backend_obj, bar)
+                launch.start(backend_obj)
             if time.monotonic() - last_wait_check > 2.0:  # another launch's runs: look now and then
                 last_wait_check = time.monotonic()
                 launch.recheck_waiting(backend_obj)
@@ -562,7 +562,10 @@ def run_sweep(
             remaining = [n for n, s in launch.status.items() if s in ("queued", "running", "waiting")]
             bar.show(status_counts(launch.status), remaining, getattr(backend_obj, "parallel", 1), force=changed)
             if launch.busy():
-                time.sleep(poll_s)
+                if backend_obj is not None:
+                    backend_obj.wait(poll_s)  # wakes early when a run ends
+                else:
+                    time.sleep(poll_s)
     except BaseException:
         bar.close()
         if backend_obj is not None:

@@ -188,6 +188,21 @@ def test_lock_prevents_double_run(tmp_path):
     assert len(_calls(tmp_path, first)) == 1  # trained once, by the "other launch"
 
 
+def test_a_freed_slot_is_refilled_when_its_run_ends_not_at_the_next_poll(tmp_path):
+    # poll_s=600: a runner that only looked every poll_s would need 10 minutes per run on one slot
+    data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
+                                     "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 2, 3]}}  # fmt: skip
+    script = (
+        "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
+        "from sweeps.spec import spec_from_dict; "
+        "r = run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=1, fit=False, "
+        "progress=False, cache_dir=None, poll_s=600, log=lambda m: None); print(len(r.trained))"
+    ).format(repo=str(REPO), data=json.dumps(data), out=str(tmp_path), fake=FAKE)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "3"
+
+
 def test_two_launches_never_train_a_run_twice(tmp_path):
     spec = _spec([1, 2, 3, 4])
     script = (
