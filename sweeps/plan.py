@@ -394,7 +394,6 @@ def plan_branches(runs: list[PlannedRun], overhead_s: float = 0.0) -> list[Plann
     return out
 
 
-
 def launch_priority(runs: list[PlannedRun]) -> dict[str, float]:
     """Run name -> estimated seconds from its start to the end of the runs that wait for it: its
     own ``est_time_s`` plus its longest cooldown branch's (branches start after their main run).
