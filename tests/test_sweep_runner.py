@@ -68,8 +68,8 @@ def fake_train(cfg, run_dir, *, run_name=None):
     return _Result("done", None, result)
 
 
-def _spec(seeds, name="fake", **extra):
-    data = {
+def _spec_data(seeds, name="fake", **extra):
+    return {
         "name": name,
         "base": {
             "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
@@ -78,7 +78,22 @@ def _spec(seeds, name="fake", **extra):
         "grid": {"train.seed": list(seeds)},
         **extra,
     }
-    return spec_from_dict(data)
+
+
+def _spec(seeds, name="fake", **extra):
+    return spec_from_dict(_spec_data(seeds, name, **extra))
+
+
+def _sweep_script(seeds, out, **kw) -> str:
+    """Python source for ``python -c``: run_sweep of ``_spec(seeds)`` into ``out`` with the fake
+    trainer and ``kw`` (literals), printing how many runs that launch trained."""
+    args = "".join(f", {key}={value!r}" for key, value in kw.items())
+    return (
+        "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
+        "from sweeps.spec import spec_from_dict; "
+        "r = run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, "
+        "progress=False, cache_dir=None, log=lambda m: None{args}); print(len(r.trained))"
+    ).format(repo=str(REPO), data=json.dumps(_spec_data(seeds)), out=str(out), fake=FAKE, args=args)
 
 
 def _run(spec, out, **kw):
@@ -190,14 +205,7 @@ def test_lock_prevents_double_run(tmp_path):
 
 def test_a_freed_slot_is_refilled_when_its_run_ends_not_at_the_next_poll(tmp_path):
     # poll_s=600: a runner that only looked every poll_s would need 10 minutes per run on one slot
-    data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
-                                     "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 2, 3]}}  # fmt: skip
-    script = (
-        "import sys, json; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
-        "from sweeps.spec import spec_from_dict; "
-        "r = run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=1, fit=False, "
-        "progress=False, cache_dir=None, poll_s=600, log=lambda m: None); print(len(r.trained))"
-    ).format(repo=str(REPO), data=json.dumps(data), out=str(tmp_path), fake=FAKE)
+    script = _sweep_script([1, 2, 3], tmp_path, parallel=1, fit=False, poll_s=600)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "3"
@@ -205,17 +213,7 @@ def test_a_freed_slot_is_refilled_when_its_run_ends_not_at_the_next_poll(tmp_pat
 
 def test_two_launches_never_train_a_run_twice(tmp_path):
     spec = _spec([1, 2, 3, 4])
-    script = (
-        "import sys; sys.path.insert(0, {repo!r}); from sweeps.runner import run_sweep; "
-        "from sweeps.spec import spec_from_dict; import json; "
-        "r = run_sweep(spec_from_dict(json.loads({data!r})), {out!r}, train_fn={fake!r}, parallel=2, "
-        "progress=False, cache_dir=None, poll_s=0.05, log=lambda m: None); print(len(r.trained))"
-    ).format(
-        repo=str(REPO),
-        data=json.dumps({"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
-                                                   "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 2, 3, 4]}}),
-        out=str(tmp_path), fake=FAKE,
-    )
+    script = _sweep_script([1, 2, 3, 4], tmp_path, parallel=2, poll_s=0.05)
     env = {**os.environ, "FAKE_SLEEP": "0.3"}  # runs overlap, so the launches do race for them
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -226,8 +224,7 @@ def test_two_launches_never_train_a_run_twice(tmp_path):
 
 
 def test_kill_sweep_then_rerun_finishes_only_what_was_left(tmp_path):
-    spec_data = {"name": "fake", "base": {"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "seq_len": 16},
-                                          "train": {"batch_size": 2, "steps": 3}}, "grid": {"train.seed": [1, 15]}}
+    spec_data = _spec_data([1, 15])
     script = (
         # Ctrl-C as a terminal sends it: a child inherits an ignored or blocked SIGINT, and a test run before
         # this one in the same pytest process (seen under xdist) may have left it so: restore and unblock it.
